@@ -1,0 +1,67 @@
+"""fwdecomp: forward-mode automatic differentiation through every PyTorch operator.
+
+Forward AD (``torch.autograd.forward_ad``, ``torch.func.jvp``, ``jacfwd``,
+``hessian``) fails on operators without a forward formula. With fwdecomp
+enabled, a call that carries tangents into such an operator runs a
+registered decomposition of it into operators that have formulas; every
+other call runs PyTorch's own kernel.
+
+Example:
+    >>> import torch, fwdecomp
+    >>> fwdecomp.enable()
+    >>> x, y, v = torch.randn(5, 3), torch.randn(4, 3), torch.randn(5, 3)
+    >>> out, tangent = torch.func.jvp(lambda a: torch.cdist(a, y), (x,), (v,))
+    >>> fwdecomp.disable()
+"""
+
+from __future__ import annotations
+
+from fwdecomp import registry
+from fwdecomp.api import covered_operators, disable, enable, enabled, is_enabled
+from fwdecomp.contract import DecompositionError, SignatureMismatchError
+from fwdecomp.formulas import native_forward_formula
+from fwdecomp.interface import DecompositionInterface, Registerer, get_impl, set_impl
+from fwdecomp.overloads import UnknownOperatorError
+from fwdecomp.registry import (
+    DuplicateDecompositionError,
+    Sample,
+    register_decomposition,
+    unregister_decomposition,
+)
+
+# Like PyTorch's JitDecompRegisterer: the backend and the decomposition library
+# register themselves when present. A build without them (see
+# tests/test_interface.py) still imports, and the autograd side then raises a
+# clear error instead of failing at import time.
+try:
+    from fwdecomp.backends import eager as _eager_backend
+except ImportError:  # pragma: no cover - exercised in a subprocess test
+    _eager_backend = None
+try:
+    from fwdecomp import decompositions
+except ImportError:  # pragma: no cover - exercised in a subprocess test
+    decompositions = None
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DecompositionError",
+    "DecompositionInterface",
+    "DuplicateDecompositionError",
+    "Registerer",
+    "Sample",
+    "SignatureMismatchError",
+    "UnknownOperatorError",
+    "covered_operators",
+    "decompositions",
+    "disable",
+    "enable",
+    "enabled",
+    "get_impl",
+    "is_enabled",
+    "native_forward_formula",
+    "register_decomposition",
+    "registry",
+    "set_impl",
+    "unregister_decomposition",
+]

@@ -1,0 +1,5 @@
+import sys
+
+from fwdecomp.cli import main
+
+sys.exit(main())

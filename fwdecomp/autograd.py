@@ -1,0 +1,206 @@
+"""The autograd side: per-operator kernels that route tangent-carrying calls to a backend.
+
+For each operator it is asked to cover, this module registers one Python
+kernel per autograd dispatch key (``AutogradCPU``, ``AutogradCUDA``,
+``AutogradMeta``, ...). The kernel does what PyTorch's generated
+``VariableType`` code does for the few operators that use its forward-AD
+decomposition mechanism:
+
+- no input carries a forward tangent: call PyTorch's original kernel for that
+  key, unchanged (so plain calls and reverse mode behave exactly as before);
+- some input does: ask :func:`fwdecomp.interface.get_impl` for the backend and
+  run the operator's decomposition there as a boxed call, so tangents flow
+  through operators that have formulas (and reverse mode, if needed, records
+  the decomposed graph).
+
+This module depends on :mod:`fwdecomp.interface` only, never on a backend.
+Uninstalling destroys the registrations, which restores the dispatcher
+entries exactly.
+
+Example:
+    >>> import torch
+    >>> from fwdecomp import autograd
+    >>> op = torch.ops.aten._pdist_forward.default
+    >>> autograd.install(op)
+    >>> autograd.is_installed(op)
+    True
+    >>> autograd.uninstall(op)
+    >>> autograd.is_installed(op)
+    False
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from typing import Any, Callable
+
+import torch
+
+from fwdecomp import _torch
+from fwdecomp._torch import OpOverload, qualified_name, schema_of, tangent_of
+from fwdecomp.interface import get_impl
+from fwdecomp.stack import arguments_to_stack, stack_to_results
+
+__all__ = [
+    "AUTOGRAD_KEYS",
+    "carries_tangent",
+    "install",
+    "installed",
+    "is_installed",
+    "uninstall",
+    "uninstall_all",
+]
+
+#: The per-backend autograd dispatch keys fwdecomp registers its kernels for.
+#: The alias key "Autograd" cannot be read back, so each backend key is named.
+#: "AutogradOther" serves backends without a key of their own, and is the key
+#: functorch's wrappers of meta tensors dispatch to.
+AUTOGRAD_KEYS: tuple[str, ...] = (
+    "AutogradCPU",
+    "AutogradCUDA",
+    "AutogradMeta",
+    "AutogradOther",
+    "AutogradXPU",
+    "AutogradMPS",
+    "AutogradPrivateUse1",
+)
+
+_BACKEND_HINT = (
+    "No fwdecomp backend is installed. `import fwdecomp` installs the eager backend; "
+    "or install one yourself with fwdecomp.interface.set_impl(...) / Registerer(...)."
+)
+
+
+def carries_tangent(values: Any) -> bool:
+    """Whether any tensor in ``values`` (nested lists/tuples included) has a forward tangent."""
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            if tangent_of(value) is not None:
+                return True
+        elif isinstance(value, (list, tuple)) and carries_tangent(value):
+            return True
+    return False
+
+
+def _not_implemented_message(op: OpOverload) -> str:
+    name = schema_of(op).name.split("::", 1)[1]
+    return (
+        f"Trying to use forward AD with {name} that does not support it because it has not "
+        f"been implemented yet.\nfwdecomp: the installed backend "
+        f"({type(get_impl()).__name__}) has no decomposition for {qualified_name(op)}. "
+        "Register one with @fwdecomp.register_decomposition"
+        f"({qualified_name(op)!r}) (or, for a custom operator, @fwdecomp.register_jvp)."
+    )
+
+
+class _Recursion(threading.local):
+    def __init__(self) -> None:
+        self.active: dict[OpOverload, int] = {}
+
+
+_recursion = _Recursion()
+
+
+def decompose(op: OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Run ``op``'s decomposition through the installed backend (boxed), return its results."""
+    impl = get_impl()
+    if impl is None:
+        raise NotImplementedError(
+            f"fwdecomp: {qualified_name(op)} was called with forward-AD tangents and has no "
+            f"native forward formula. {_BACKEND_HINT}"
+        )
+    schema = schema_of(op)
+    if not impl.has_decomposition(schema):
+        raise NotImplementedError(_not_implemented_message(op))
+    depth = _recursion.active.get(op, 0)
+    if depth >= 8:
+        raise RecursionError(
+            f"fwdecomp: the decomposition of {qualified_name(op)} calls {qualified_name(op)} "
+            "itself with tangents (8 levels deep); a decomposition must be written in other "
+            "operators."
+        )
+    stack = arguments_to_stack(schema, args, kwargs)
+    _recursion.active[op] = depth + 1
+    try:
+        impl.run_decomposition(op, stack)
+    finally:
+        _recursion.active[op] = depth
+    return stack_to_results(schema, stack)
+
+
+def _make_kernel(op: OpOverload, original: Any) -> Callable[..., Any]:
+    call_original = original.call_boxed
+
+    def kernel(keyset: Any, *args: Any, **kwargs: Any) -> Any:
+        if carries_tangent(args) or carries_tangent(kwargs.values()):
+            return decompose(op, args, kwargs)
+        return call_original(keyset, *args, **kwargs)
+
+    kernel.__name__ = f"fwdecomp_{qualified_name(op).replace('::', '_').replace('.', '_')}"
+    kernel.__qualname__ = kernel.__name__
+    return kernel
+
+
+class _Override:
+    """The registrations that route one operator: one library, one kernel per key."""
+
+    def __init__(self, op: OpOverload) -> None:
+        self.op = op
+        name = schema_of(op).name.split("::", 1)[1]
+        overload = schema_of(op).overload_name
+        self.library = _torch.new_library(_torch.namespace(op))
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*[Oo]verrid.*")
+                for key in AUTOGRAD_KEYS:
+                    original = _torch.original_kernel(op, key)
+                    self.library.impl(
+                        f"{name}.{overload}" if overload else name,
+                        _make_kernel(op, original),
+                        key,
+                        with_keyset=True,
+                    )
+        except BaseException:
+            _torch.destroy_library(self.library)
+            raise
+
+    def remove(self) -> None:
+        _torch.destroy_library(self.library)
+
+
+_lock = threading.RLock()
+_overrides: dict[OpOverload, _Override] = {}
+
+
+def install(op: OpOverload) -> None:
+    """Route ``op``'s tangent-carrying calls to the backend (idempotent)."""
+    with _lock:
+        if op not in _overrides:
+            _overrides[op] = _Override(op)
+
+
+def uninstall(op: OpOverload) -> None:
+    """Restore ``op``'s original autograd kernels (idempotent)."""
+    with _lock:
+        override = _overrides.pop(op, None)
+        if override is not None:
+            override.remove()
+
+
+def uninstall_all() -> None:
+    """Restore every operator this module overrode."""
+    with _lock:
+        for op in list(_overrides):
+            uninstall(op)
+
+
+def is_installed(op: OpOverload) -> bool:
+    """Whether ``op`` currently routes tangent-carrying calls to the backend."""
+    return op in _overrides
+
+
+def installed() -> list[OpOverload]:
+    """The operators currently routed, sorted by name."""
+    with _lock:
+        return sorted(_overrides, key=qualified_name)

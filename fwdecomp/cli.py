@@ -1,0 +1,93 @@
+"""``python -m fwdecomp``: the command line.
+
+``audit`` prints the operator inventory (see :mod:`fwdecomp.inventory`) and
+exits non-zero when a registered decomposition fails its numerical check.
+Other views of ``audit`` plug in with :func:`audit_view`: each adds one
+``--NAME`` flag that selects it.
+
+Example:
+    >>> from fwdecomp.cli import main
+    >>> main(["audit", "--no-check", "--format", "json"])  # doctest: +ELLIPSIS
+    {...
+    0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+__all__ = ["AuditView", "audit_view", "main"]
+
+
+@dataclass(frozen=True)
+class AuditView:
+    """An alternative report of ``fwdecomp audit``, selected by ``--NAME``."""
+
+    name: str
+    help: str
+    run: Callable[[argparse.Namespace], int]
+    configure: Callable[[argparse.ArgumentParser], None] | None = None
+
+
+_VIEWS: dict[str, AuditView] = {}
+
+
+def audit_view(
+    name: str, help: str, configure: Callable[[argparse.ArgumentParser], None] | None = None
+) -> Callable[[Callable[[argparse.Namespace], int]], Callable[[argparse.Namespace], int]]:
+    """Register ``run(args) -> exit code`` as the ``audit --NAME`` view."""
+
+    def decorator(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        _VIEWS[name] = AuditView(name, help, run, configure)
+        return run
+
+    return decorator
+
+
+def _inventory(args: argparse.Namespace) -> int:
+    from fwdecomp.inventory import inventory, render_table
+
+    rows = inventory(check=not args.no_check, limit=args.limit)
+    if args.format == "json":
+        print(json.dumps({"operators": [row.to_json() for row in rows]}, indent=2))
+    else:
+        print(render_table(rows))
+        covered = sum(row.covered for row in rows)
+        failed = sum(row.check == "fail" for row in rows)
+        print(f"\n{len(rows)} operators with decompositions, {covered} routed by fwdecomp, {failed} failing")
+    return 1 if any(row.check == "fail" for row in rows) else 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m fwdecomp", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    audit = commands.add_parser("audit", help="what works under forward AD, and is it right")
+    audit.add_argument("--format", choices=("text", "json"), default="text")
+    audit.add_argument("--no-check", action="store_true", help="skip the numerical checks")
+    audit.add_argument("--limit", type=int, default=None, help="check at most N samples per operator")
+    for view in _VIEWS.values():
+        audit.add_argument(f"--{view.name}", action="store_true", help=view.help)
+        if view.configure is not None:
+            view.configure(audit)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code."""
+    import fwdecomp  # noqa: F401  (installs the backend and the decomposition library)
+
+    args = _parser().parse_args(argv)
+    if args.command == "audit":
+        for view in _VIEWS.values():
+            if getattr(args, view.name.replace("-", "_")):
+                return view.run(args)
+        return _inventory(args)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

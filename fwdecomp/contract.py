@@ -1,0 +1,227 @@
+"""What a decomposition must honour, checked where it can go wrong.
+
+At registration: its parameters match the operator's schema (same names, in
+the same order, keyword-only where the schema says so). At run time: it
+returns what the operator returns (count, kinds, and each tensor's shape
+and dtype as PyTorch's own kernel would produce them, computed once
+per input signature on the ``meta`` device). A decomposition that raises is
+reported with the operator's name.
+
+Example:
+    >>> import torch
+    >>> from fwdecomp.contract import check_signature
+    >>> def pdist(self, p=2.0):
+    ...     return self
+    >>> check_signature(torch.ops.aten._pdist_forward.default, pdist)
+    >>> def wrong(x):
+    ...     return x
+    >>> check_signature(torch.ops.aten._pdist_forward.default, wrong)
+    Traceback (most recent call last):
+    ...
+    fwdecomp.contract.SignatureMismatchError: fwdecomp: decomposition 'wrong' does not match ...
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+from collections import OrderedDict
+from typing import Any, Callable
+
+import torch
+
+from fwdecomp._torch import OpOverload, qualified_name, schema_of
+
+__all__ = [
+    "DecompositionError",
+    "SignatureMismatchError",
+    "check_results",
+    "check_signature",
+    "describe_function",
+    "signature_hint",
+]
+
+
+class SignatureMismatchError(TypeError):
+    """A decomposition's parameters do not match its operator's schema."""
+
+
+class DecompositionError(RuntimeError):
+    """A decomposition raised, or returned something its operator cannot return."""
+
+
+def describe_function(fn: Callable[..., Any]) -> str:
+    """``name (file:line)`` for error messages."""
+    name = getattr(fn, "__qualname__", None) or repr(fn)
+    code = getattr(fn, "__code__", None)
+    return f"{name} ({code.co_filename}:{code.co_firstlineno})" if code else name
+
+
+def signature_hint(op: OpOverload) -> str:
+    """A Python ``def`` line that matches ``op``'s schema."""
+    parts: list[str] = []
+    star = False
+    for argument in schema_of(op).arguments:
+        if argument.kwarg_only and not star:
+            parts.append("*")
+            star = True
+        text = argument.name
+        if argument.has_default_value():
+            text += f"={argument.default_value!r}"
+        parts.append(text)
+    return f"def {schema_of(op).name.split('::')[-1]}({', '.join(parts)}): ..."
+
+
+def _signature_problem(op: OpOverload, fn: Callable[..., Any]) -> str | None:
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None  # builtins and C functions: nothing to check
+    parameters = list(signature.parameters.values())
+    positional = [
+        p for p in parameters if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    ]
+    has_var_args = any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in parameters)
+    has_var_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+    by_name = {p.name: p for p in parameters}
+    arguments = schema_of(op).arguments
+    schema_positional = [a for a in arguments if not a.kwarg_only]
+    schema_keyword = [a for a in arguments if a.kwarg_only]
+
+    for index, argument in enumerate(schema_positional):
+        if index >= len(positional):
+            if has_var_args:
+                break
+            return f"it takes {len(positional)} positional parameters, the schema has {len(schema_positional)}"
+        parameter = positional[index]
+        if parameter.kind is not inspect.Parameter.POSITIONAL_ONLY and parameter.name != argument.name:
+            return f"parameter {index} is named {parameter.name!r}, the schema calls it {argument.name!r}"
+    extra = positional[len(schema_positional) :]
+    for parameter in extra:
+        if parameter.default is inspect.Parameter.empty and parameter.name not in {a.name for a in schema_keyword}:
+            return f"it requires parameter {parameter.name!r}, which the schema does not have"
+    for argument in schema_keyword:
+        parameter = by_name.get(argument.name)
+        if parameter is None and not has_var_kwargs:
+            return f"it does not accept the keyword-only argument {argument.name!r}"
+        if parameter is not None and parameter.kind is inspect.Parameter.POSITIONAL_ONLY:
+            return f"{argument.name!r} must be accepted by keyword"
+    schema_names = {a.name for a in arguments}
+    for parameter in parameters:
+        if (
+            parameter.kind is inspect.Parameter.KEYWORD_ONLY
+            and parameter.name not in schema_names
+            and parameter.default is inspect.Parameter.empty
+        ):
+            return f"it requires keyword {parameter.name!r}, which the schema does not have"
+    return None
+
+
+def check_signature(op: OpOverload, fn: Callable[..., Any]) -> None:
+    """Raise :class:`SignatureMismatchError` unless ``fn`` can be called as ``op``'s schema says."""
+    if not callable(fn):
+        raise SignatureMismatchError(
+            f"fwdecomp: the decomposition for {qualified_name(op)} must be callable, got {type(fn).__name__}"
+        )
+    problem = _signature_problem(op, fn)
+    if problem is not None:
+        name = getattr(fn, "__qualname__", repr(fn))
+        raise SignatureMismatchError(
+            f"fwdecomp: decomposition {name!r} does not match the schema of "
+            f"{qualified_name(op)}: {problem}.\n  schema:   {schema_of(op)}\n"
+            f"  expected: {signature_hint(op)}"
+        )
+
+
+# --- results -------------------------------------------------------------
+
+_expected_cache: OrderedDict[Any, list[Any] | None] = OrderedDict()
+_expected_lock = threading.Lock()
+_EXPECTED_CACHE_SIZE = 4096
+
+
+def _key_part(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return ("T", tuple(value.shape), value.dtype, value.device.type, value.layout)
+    if isinstance(value, (list, tuple)):
+        return tuple(_key_part(v) for v in value)
+    return value
+
+
+def _to_meta(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        if value.layout is not torch.strided:
+            raise NotImplementedError("non-strided tensor")
+        return torch.empty_strided(tuple(value.shape), tuple(value.stride()), dtype=value.dtype, device="meta")
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_meta(v) for v in value)
+    return value
+
+
+def _describe(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return (tuple(value.shape), value.dtype)
+    if isinstance(value, (list, tuple)):
+        return [_describe(v) for v in value]
+    return None
+
+
+def _expected(op: OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any] | None:
+    """Shapes and dtypes the native kernel would return, from a run on ``meta``."""
+    try:
+        key = (op, _key_part(args), _key_part(tuple(sorted(kwargs.items()))))
+        hash(key)
+    except TypeError:
+        key = None
+    if key is not None:
+        with _expected_lock:
+            if key in _expected_cache:
+                _expected_cache.move_to_end(key)
+                return _expected_cache[key]
+    try:
+        with torch.no_grad():
+            out = op(*_to_meta(args), **{k: _to_meta(v) for k, v in kwargs.items()})
+        outs = [out] if len(schema_of(op).returns) == 1 else list(out or ())
+        expected = [_describe(o) for o in outs]
+    except Exception:  # no meta kernel, data-dependent shapes: shape checks are skipped
+        expected = None
+    if key is not None:
+        with _expected_lock:
+            _expected_cache[key] = expected
+            while len(_expected_cache) > _EXPECTED_CACHE_SIZE:
+                _expected_cache.popitem(last=False)
+    return expected
+
+
+def check_results(op: OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any], results: list[Any]) -> None:
+    """Raise :class:`DecompositionError` unless ``results`` is what ``op`` would return."""
+    schema = schema_of(op)
+    name = qualified_name(op)
+    for index, (ret, value) in enumerate(zip(schema.returns, results)):
+        label = f"output {index}" + (f" ({ret.name!r})" if ret.name else "")
+        kind = str(ret.type)
+        if kind in ("Tensor", "Optional[Tensor]"):
+            if not isinstance(value, torch.Tensor) and not (kind.startswith("Optional") and value is None):
+                raise DecompositionError(
+                    f"fwdecomp: the decomposition of {name} returned {type(value).__name__} for "
+                    f"{label}; the schema says {kind}. Fix the registered decomposition."
+                )
+        elif kind.startswith("List[") and "Tensor" in kind:
+            if not isinstance(value, (list, tuple)):
+                raise DecompositionError(
+                    f"fwdecomp: the decomposition of {name} returned {type(value).__name__} for "
+                    f"{label}; the schema says {kind}. Fix the registered decomposition."
+                )
+    expected = _expected(op, args, kwargs)
+    if expected is None:
+        return
+    for index, (want, value) in enumerate(zip(expected, results)):
+        got = _describe(value)
+        if want is not None and got is not None and got != want:
+            ret = schema.returns[index]
+            label = f"output {index}" + (f" ({ret.name!r})" if ret.name else "")
+            raise DecompositionError(
+                f"fwdecomp: the decomposition of {name} returned {label} with "
+                f"(shape, dtype) = {got}, but {name} returns {want} for these inputs. "
+                "Fix the registered decomposition so it matches PyTorch's kernel."
+            )

@@ -1,0 +1,176 @@
+"""Distances: ``cdist`` (all its routes), ``pdist``, and their backward operators.
+
+``torch.cdist`` reaches ``aten::_cdist_forward`` or, for ``p=2`` with more
+than 25 rows (or ``compute_mode`` asking for it), ``aten::_euclidean_dist``;
+``torch.pdist`` reaches ``aten::_pdist_forward``. None has a forward formula.
+The backward operators are decomposed too, so forward-over-reverse
+(``torch.func.hessian``, ``jvp(grad(f))``) works.
+
+Example:
+    >>> import torch, fwdecomp
+    >>> x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    >>> with fwdecomp.enabled():
+    ...     out, tangent = torch.func.jvp(lambda a: torch.cdist(a, y, p=1), (x,), (torch.ones_like(x),))
+    >>> torch.allclose(out, torch.cdist(x, y, p=1))
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import torch
+
+from fwdecomp.decompositions import builtin
+from fwdecomp.decompositions._util import p_norm_gradient, p_norm_of_differences, safe_sqrt
+from fwdecomp.registry import Sample
+
+aten = torch.ops.aten
+
+__all__ = ["cdist_backward", "cdist_forward", "euclidean_dist", "pdist_backward", "pdist_forward"]
+
+
+def _uses_matmul(p: float, compute_mode: int | None, rows1: int, rows2: int) -> bool:
+    """PyTorch's rule for the matrix-multiply route of the Euclidean distance."""
+    mode = 0 if compute_mode is None else compute_mode
+    return p == 2 and (mode == 1 or (mode == 0 and (rows1 > 25 or rows2 > 25)))
+
+
+def _pairwise_differences(x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+    return x1.unsqueeze(-2) - x2.unsqueeze(-3)
+
+
+def _norm_of(diff: torch.Tensor, p: float) -> torch.Tensor:
+    if diff.shape[-1] == 0:
+        return diff.sum(-1)
+    return p_norm_of_differences(diff, p)
+
+
+def _rng(device: str) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(0)
+
+
+def _randn(*shape: int, dtype: torch.dtype, device: str, gen: torch.Generator) -> torch.Tensor:
+    return torch.randn(shape, dtype=dtype, device=device, generator=gen)
+
+
+def _euclidean_samples(device: str, dtype: torch.dtype) -> Iterator[Sample]:
+    gen = _rng(device)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return _randn(*shape, dtype=dtype, device=device, gen=gen)
+
+    yield Sample((randn(30, 3), randn(27, 3)), note="plain")
+    yield Sample((randn(2, 1, 6, 3), randn(3, 4, 3)), note="broadcast batch")
+    yield Sample((randn(3, 30).mT, randn(3, 27).mT), note="non-contiguous")
+    yield Sample((randn(0, 3), randn(4, 3)), note="zero rows")
+
+
+@builtin(aten._euclidean_dist.default, samples=_euclidean_samples)
+def euclidean_dist(x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+    """Euclidean distances by the matrix-multiply expansion PyTorch uses."""
+    x1_norm = (x1 * x1).sum(-1, keepdim=True)
+    x2_norm = (x2 * x2).sum(-1, keepdim=True)
+    squared = x1_norm - 2 * (x1 @ x2.mT) + x2_norm.mT
+    return safe_sqrt(squared.clamp_min(0))
+
+
+def _cdist_samples(device: str, dtype: torch.dtype) -> Iterator[Sample]:
+    gen = _rng(device)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return _randn(*shape, dtype=dtype, device=device, gen=gen)
+
+    for p in (0.0, 0.5, 1.0, 2.0, 3.5, math.inf):
+        yield Sample((randn(5, 3), randn(4, 3), p, None), note=f"p={p}")
+    yield Sample((randn(2, 1, 5, 3), randn(3, 4, 3), 2.0, None), note="broadcast batch")
+    yield Sample((randn(2, 1, 5, 3), randn(3, 4, 3), 3.5, None), note="broadcast batch p=3.5")
+    yield Sample((randn(3, 5).mT, randn(3, 4).mT, 1.0, None), note="non-contiguous")
+    yield Sample((randn(30, 3), randn(27, 3), 2.0, None), note="p=2, >25 rows: matmul route")
+    yield Sample((randn(5, 3), randn(4, 3), 2.0, 1), note="compute_mode=1 (matmul)")
+    yield Sample((randn(30, 3), randn(27, 3), 2.0, 2), note="compute_mode=2 (direct)")
+    yield Sample((randn(0, 3), randn(4, 3), 2.0, None), note="zero rows")
+    yield Sample((randn(5, 0), randn(4, 0), math.inf, None), note="zero columns")
+
+
+@builtin(aten._cdist_forward.default, samples=_cdist_samples)
+def cdist_forward(x1: torch.Tensor, x2: torch.Tensor, p: float, compute_mode: int | None) -> torch.Tensor:
+    """``||x1_i - x2_j||_p`` for every row pair, batched and broadcast like ``torch.cdist``."""
+    if _uses_matmul(p, compute_mode, x1.shape[-2], x2.shape[-2]):
+        return euclidean_dist(x1, x2)
+    return _norm_of(_pairwise_differences(x1, x2), p)
+
+
+def _cdist_backward_samples(device: str, dtype: torch.dtype) -> Iterator[Sample]:
+    # p=inf is left out: its derivative selects the entries whose |diff| equals the
+    # given `cdist`, so perturbing x1 and cdist independently (as finite differences
+    # do) leaves the function's domain; forward-over-reverse tests cover it.
+    for sample in _cdist_samples(device, dtype):
+        x1, x2, p, mode = sample.args
+        if p == math.inf:
+            continue
+        dist = aten._cdist_forward(x1, x2, p, mode)
+        grad = torch.randn(dist.shape, dtype=dtype, device=device, generator=_rng(device))
+        yield Sample((grad, x1, x2, p, dist), note=sample.note)
+
+
+@builtin(aten._cdist_backward.default, samples=_cdist_backward_samples)
+def cdist_backward(
+    grad: torch.Tensor, x1: torch.Tensor, x2: torch.Tensor, p: float, cdist: torch.Tensor
+) -> torch.Tensor:
+    """The vector-Jacobian product of ``_cdist_forward`` with respect to ``x1``.
+
+    Like PyTorch's kernel, ``grad`` is read as having the shape of ``cdist``
+    (functorch's batching rule passes it with extra leading unit dimensions).
+    """
+    diff = _pairwise_differences(x1, x2)
+    grad = grad.reshape(cdist.shape)
+    return (grad.unsqueeze(-1) * p_norm_gradient(diff, cdist, p)).sum(-2)
+
+
+def _pairs(rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    first, second = torch.triu_indices(rows, rows, 1, device=device)
+    return first, second
+
+
+def _check_pdist_input(x: torch.Tensor) -> None:
+    # The same input rules as PyTorch's kernel, so tangents never make bad input pass.
+    if x.dim() != 2:
+        raise RuntimeError(f"pdist only supports 2D tensors, got: {x.dim()}D")
+    if not x.is_contiguous():
+        raise RuntimeError("_pdist_forward requires contiguous input")
+
+
+def _pdist_samples(device: str, dtype: torch.dtype) -> Iterator[Sample]:
+    gen = _rng(device)
+    for p in (0.0, 0.5, 1.0, 2.0, 3.5, math.inf):
+        yield Sample((_randn(6, 3, dtype=dtype, device=device, gen=gen), p), note=f"p={p}")
+    yield Sample((_randn(1, 3, dtype=dtype, device=device, gen=gen), 2.0), note="one row")
+    yield Sample((_randn(4, 0, dtype=dtype, device=device, gen=gen), 2.0), note="zero columns")
+
+
+@builtin(aten._pdist_forward.default, samples=_pdist_samples)
+def pdist_forward(self: torch.Tensor, p: float = 2.0) -> torch.Tensor:
+    """Distances between all row pairs ``i < j``, in row-major order, like ``torch.pdist``."""
+    _check_pdist_input(self)
+    first, second = _pairs(self.shape[0], self.device)
+    return _norm_of(self[first] - self[second], p)
+
+
+def _pdist_backward_samples(device: str, dtype: torch.dtype) -> Iterator[Sample]:
+    for sample in _pdist_samples(device, dtype):  # p=inf: see _cdist_backward_samples
+        x, p = sample.args
+        if p == math.inf:
+            continue
+        dist = aten._pdist_forward(x, p)
+        grad = torch.randn(dist.shape, dtype=dtype, device=device, generator=_rng(device))
+        yield Sample((grad, x, p, dist), note=sample.note)
+
+
+@builtin(aten._pdist_backward.default, samples=_pdist_backward_samples)
+def pdist_backward(grad: torch.Tensor, self: torch.Tensor, p: float, pdist: torch.Tensor) -> torch.Tensor:
+    """The vector-Jacobian product of ``_pdist_forward`` with respect to ``self``."""
+    first, second = _pairs(self.shape[0], self.device)
+    contribution = grad.unsqueeze(-1) * p_norm_gradient(self[first] - self[second], pdist, p)
+    return torch.zeros_like(self).index_add(0, first, contribution).index_add(0, second, -contribution)

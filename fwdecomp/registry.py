@@ -1,0 +1,230 @@
+"""Which decomposition serves which operator overload.
+
+The table is plain data: ``{OpOverload: Decomposition}``. Registration
+validates the function against the operator's schema first and changes
+nothing when that fails. Listeners (the public API uses one) hear of every
+change, so a registration made while fwdecomp is enabled takes effect at once.
+
+Example:
+    >>> import torch
+    >>> import fwdecomp
+    >>> @fwdecomp.register_decomposition("aten::_pdist_forward", replace=True)
+    ... def pdist(self, p=2.0):
+    ...     return fwdecomp.decompositions.distance.pdist_forward(self, p)
+    >>> fwdecomp.registry.lookup(torch.ops.aten._pdist_forward.default).fn is pdist
+    True
+    >>> fwdecomp.registry.restore_builtin("aten::_pdist_forward")
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, TypeVar
+
+import torch
+
+from fwdecomp._torch import OpOverload, qualified_name, schema_of
+from fwdecomp.contract import check_signature, describe_function
+from fwdecomp.overloads import OperatorLike, resolve
+
+__all__ = [
+    "Decomposition",
+    "DuplicateDecompositionError",
+    "Sample",
+    "lookup",
+    "lookup_schema",
+    "operators",
+    "register_decomposition",
+    "restore",
+    "restore_builtin",
+    "snapshot",
+    "subscribe",
+    "symmetrize",
+    "unregister_decomposition",
+]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One example call of an operator: used by ``fwdecomp audit`` and the tests.
+
+    ``tangents`` says which tensor arguments carry tangents, by position in the
+    schema's arguments; ``None`` means every floating-point or complex tensor.
+    ``prepare``, if given, maps those tensors to the values actually passed,
+    inside every differentiated function (``symmetrize`` for operators that
+    read one triangle of a Hermitian matrix, as PyTorch's own OpInfo tests do).
+    """
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    note: str = ""
+    tangents: tuple[int, ...] | None = None
+    prepare: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None
+
+
+def symmetrize(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``(A + A^H) / 2`` for each tensor: a ``Sample.prepare`` for Hermitian inputs."""
+    return [(t + t.mH) / 2 for t in tensors]
+
+
+SampleFn = Callable[[str, torch.dtype], Iterable[Sample]]
+
+
+@dataclass(frozen=True)
+class Decomposition:
+    """A function that computes ``op`` from operators that have forward-AD formulas."""
+
+    op: OpOverload
+    fn: Callable[..., Any]
+    samples: SampleFn | None = None
+    dtypes: tuple[torch.dtype, ...] = (torch.float64, torch.float32)
+    builtin: bool = False
+
+    @property
+    def name(self) -> str:
+        return qualified_name(self.op)
+
+
+class DuplicateDecompositionError(ValueError):
+    """The operator already has a decomposition and ``replace=True`` was not given."""
+
+
+_lock = threading.RLock()
+_table: dict[OpOverload, Decomposition] = {}
+_by_schema: dict[tuple[str, str], Decomposition] = {}
+_builtins: dict[OpOverload, Decomposition] = {}
+_listeners: list[Callable[[str, OpOverload], None]] = []
+
+
+def _schema_key(schema: torch.FunctionSchema) -> tuple[str, str]:
+    return (schema.name, schema.overload_name)
+
+
+def _notify(event: str, op: OpOverload) -> None:
+    for listener in list(_listeners):
+        listener(event, op)
+
+
+def _store(entry: Decomposition) -> None:
+    _table[entry.op] = entry
+    _by_schema[_schema_key(schema_of(entry.op))] = entry
+
+
+def register_decomposition(
+    op: OperatorLike,
+    *,
+    samples: SampleFn | None = None,
+    dtypes: Iterable[torch.dtype] = (torch.float64, torch.float32),
+    replace: bool = False,
+    _builtin: bool = False,
+) -> Callable[[F], F]:
+    """Register the decorated function as the decomposition of ``op``.
+
+    ``op`` is an ``OpOverload``, an ``OpOverloadPacket`` (every overload) or a
+    string ``"ns::name"`` (the default overload) / ``"ns::name.overload"``. The function takes the
+    operator's arguments as its schema names them (keyword-only ones by
+    keyword) and returns what the operator returns, computed with operators
+    that have forward-AD formulas. ``samples(device, dtype)`` optionally yields
+    :class:`Sample` calls for ``fwdecomp audit`` to check it numerically.
+
+    Raises ``UnknownOperatorError`` for an unknown operator,
+    ``SignatureMismatchError`` when the parameters do not match the schema, and
+    ``DuplicateDecompositionError`` when one exists and ``replace`` is false.
+    Nothing is registered when any overload fails.
+
+    Example:
+        >>> import torch, fwdecomp
+        >>> @fwdecomp.register_decomposition("aten::cholesky", replace=True)
+        ... def cholesky(self, upper=False):
+        ...     lower = torch.linalg.cholesky(self)
+        ...     return lower.mH if upper else lower
+        >>> fwdecomp.registry.restore_builtin("aten::cholesky")
+    """
+    overloads = resolve(op)
+    dtype_tuple = tuple(dtypes)
+
+    def decorator(fn: F) -> F:
+        with _lock:
+            for overload in overloads:
+                check_signature(overload, fn)
+                existing = _table.get(overload)
+                if existing is not None and not replace and not _builtin:
+                    raise DuplicateDecompositionError(
+                        f"fwdecomp: {qualified_name(overload)} already has a decomposition "
+                        f"({describe_function(existing.fn)}); pass replace=True to "
+                        "register_decomposition to replace it."
+                    )
+            for overload in overloads:
+                entry = Decomposition(overload, fn, samples, dtype_tuple, _builtin)
+                if _builtin:
+                    _builtins[overload] = entry
+                _store(entry)
+            for overload in overloads:
+                _notify("register", overload)
+        return fn
+
+    return decorator
+
+
+def unregister_decomposition(op: OperatorLike) -> None:
+    """Remove the decompositions of ``op`` (built-in ones included)."""
+    with _lock:
+        for overload in resolve(op):
+            entry = _table.pop(overload, None)
+            if entry is not None:
+                _by_schema.pop(_schema_key(schema_of(overload)), None)
+                _notify("unregister", overload)
+
+
+def restore_builtin(op: OperatorLike) -> None:
+    """Put back fwdecomp's own decomposition of ``op`` (or none, if it has none)."""
+    with _lock:
+        for overload in resolve(op):
+            builtin = _builtins.get(overload)
+            if builtin is None:
+                unregister_decomposition(overload)
+            else:
+                _store(builtin)
+                _notify("register", overload)
+
+
+def snapshot() -> dict[OpOverload, Decomposition]:
+    """A copy of the whole table, for :func:`restore` (tests, temporary overrides)."""
+    with _lock:
+        return dict(_table)
+
+
+def restore(saved: dict[OpOverload, Decomposition]) -> None:
+    """Make the table exactly ``saved`` again; listeners hear of every operator that changed."""
+    with _lock:
+        changed = [op for op in set(_table) | set(saved) if _table.get(op) is not saved.get(op)]
+        _table.clear()
+        _by_schema.clear()
+        for entry in saved.values():
+            _store(entry)
+        for op in changed:
+            _notify("register" if op in saved else "unregister", op)
+
+
+def lookup(op: OpOverload) -> Decomposition | None:
+    """The decomposition registered for ``op``, or ``None``."""
+    return _table.get(op)
+
+
+def lookup_schema(schema: torch.FunctionSchema) -> Decomposition | None:
+    """The decomposition registered for the operator with this schema, or ``None``."""
+    return _by_schema.get(_schema_key(schema))
+
+
+def operators() -> list[OpOverload]:
+    """Every operator overload that has a decomposition, sorted by name."""
+    with _lock:
+        return sorted(_table, key=qualified_name)
+
+
+def subscribe(listener: Callable[[str, OpOverload], None]) -> None:
+    """Call ``listener(event, op)`` with event ``"register"`` or ``"unregister"``."""
+    _listeners.append(listener)

@@ -1,0 +1,43 @@
+"""Shared fixtures: fwdecomp enabled per test, and the slow-sweep switch."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import fwdecomp
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--run-slow", action="store_true", help="run the full (slow) sweeps too")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--run-slow") or os.environ.get("FWDECOMP_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow sweep: run with --run-slow or FWDECOMP_SLOW=1")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _isolation():
+    """Every test starts and ends disabled, with the built-in decomposition table."""
+    saved = fwdecomp.registry.snapshot()
+    torch.manual_seed(0)
+    yield
+    left_enabled = fwdecomp.is_enabled()
+    fwdecomp.disable()
+    fwdecomp.registry.restore(saved)
+    assert not left_enabled, "the test left fwdecomp enabled"
+
+
+@pytest.fixture
+def enabled():
+    """fwdecomp enabled for the duration of the test."""
+    fwdecomp.enable()
+    yield
+    fwdecomp.disable()

@@ -1,0 +1,56 @@
+"""The evidence for "no native forward formula", and a live check of it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.autograd import forward_ad
+
+import fwdecomp
+from fwdecomp.checks import differentiable_positions
+from fwdecomp.formulas import native_forward_formula
+
+aten = torch.ops.aten
+
+
+@pytest.mark.parametrize(
+    "op, status",
+    [
+        (aten.mul.Tensor, "native"),
+        (aten.add_.Tensor, "native"),  # in-place shares the functional entry
+        (aten.linalg_cholesky_ex.default, "native"),  # named output L
+        (aten.hardsigmoid.default, "native"),  # auto_element_wise
+        (aten.cdist.default, "native"),  # CompositeImplicitAutograd
+        (aten.cholesky.default, "missing"),
+        (aten._cdist_forward.default, "missing"),
+        (aten._euclidean_dist.default, "missing"),
+        (aten._scaled_dot_product_flash_attention_for_cpu.default, "missing"),
+        (aten.hardsigmoid_backward.default, "unknown"),  # not in derivatives.yaml
+    ],
+)
+def test_verdicts(op, status):
+    assert native_forward_formula(op).status == status
+
+
+def _native_forward_ad_raises(op, sample) -> bool:
+    positions = differentiable_positions(sample)
+    args = list(sample.args)
+    with forward_ad.dual_level():
+        for i in positions:
+            args[i] = forward_ad.make_dual(args[i], torch.randn_like(args[i]))
+        try:
+            op(*args, **sample.kwargs)
+        except (NotImplementedError, RuntimeError) as error:
+            if "forward AD" in str(error) or "derivative for" in str(error):
+                return True
+            raise
+    return False
+
+
+@pytest.mark.parametrize("op", fwdecomp.registry.operators(), ids=str)
+def test_routed_operators_really_lack_native_forward_ad(op):
+    """If a PyTorch upgrade adds a formula, this fails, and fwdecomp must step aside for it."""
+    entry = fwdecomp.registry.lookup(op)
+    sample = next(iter(entry.samples("cpu", torch.float64)))
+    assert fwdecomp.api.needs_override(op)
+    assert _native_forward_ad_raises(op, sample), f"{op} now has native forward AD"
