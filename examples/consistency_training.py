@@ -124,7 +124,7 @@ def audit_target(tiny: bool | None = None):
     generator = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     model = FlowMap(size["width"], size["depth"], size["heads"])
-    z, velocity, r, t = flow_sample(data(size["batch"], size["points"], generator), generator)
+    z, _, r, t = flow_sample(data(size["batch"], size["points"], generator), generator)
     return model, (z, r, t)
 
 

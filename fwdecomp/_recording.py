@@ -343,13 +343,13 @@ def classify(use: OperatorUse, op: OpOverload, kept: Any, routed: set[OpOverload
             use.status, use.evidence = "fwdecomp", "PyTorch alone cannot; fwdecomp's decomposition does (probed)"
             return
         if outcome == "raised":
-            use.status, use.evidence = "missing", f"fwdecomp's decomposition raised: {why_fwdecomp}"
+            use.status, use.evidence = "missing", f"with fwdecomp it raises {why_fwdecomp} (probed)"
             return
     use.status = "missing"
     if custom:
         use.evidence = (
             "a custom operator without a forward rule: PyTorch silently gives no (or a zero) tangent, a wrong "
-            "answer. Give it one with fwdecomp"
+            f"answer. Register a decomposition: @fwdecomp.register_decomposition({use.name!r})"
         )
     elif alone == "none":
         use.status = "native"

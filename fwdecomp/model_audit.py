@@ -149,7 +149,7 @@ class AuditReport:
     def verdict(self) -> str:
         """One sentence: works (with fwdecomp, or PyTorch alone too), or what does not, and where."""
         if self.error is not None:
-            return f"fn raised on the example inputs: {self.error.short()}"
+            return f"fn raised on the example inputs: {self.error}"
         problems = []
         for use in self.missing:
             part = "backward pass" if use in (self.backward or ()) else "forward pass"
@@ -184,20 +184,10 @@ class AuditReport:
         return f"fwdecomp audit of {self.target}: tangents on {what}; {self.dtype}, {self.device}"
 
     def _sections(self) -> Iterator[tuple[str, list[OperatorUse], bool]]:
-        calls = sum(use.calls for use in self.forward)
-        yield (
-            f"Forward pass: what jvp / jacfwd differentiate ({len(self.forward)} operators, {calls} calls)",
-            self.forward,
-            False,
-        )
+        yield f"Forward pass: what jvp / jacfwd differentiate ({_count(self.forward)})", self.forward, False
         if self.backward is not None:
-            calls = sum(use.calls for use in self.backward)
-            yield (
-                "Backward pass: what forward-over-reverse (hessian, jvp of grad) differentiates too "
-                f"({len(self.backward)} operators, {calls} calls)",
-                self.backward,
-                True,
-            )
+            title = "Backward pass: what forward-over-reverse (hessian, jvp of grad) differentiates too"
+            yield f"{title} ({_count(self.backward)})", self.backward, True
 
     @staticmethod
     def _row(use: OperatorUse, backward: bool) -> list[str]:
@@ -300,6 +290,11 @@ class AuditReport:
         }
 
 
+def _count(uses: list[OperatorUse]) -> str:
+    operators, calls = len(uses), sum(use.calls for use in uses)
+    return f"{operators} operator{'s' * (operators != 1)}, {calls} call{'s' * (calls != 1)}"
+
+
 def _text_table(columns: list[str], rows: list[list[str]]) -> list[str]:
     widths = [max(len(row[i]) for row in [columns, *rows]) for i in range(len(columns))]
 
@@ -318,6 +313,11 @@ def _markdown_table(columns: list[str], rows: list[list[str]]) -> list[str]:
         return "| " + " | ".join(_md(cell) for cell in row) + " |"
 
     return [line(columns), "|" + "|".join(" --- " for _ in columns) + "|", *[line(row) for row in rows]]
+
+
+def _count(uses: list[OperatorUse]) -> str:
+    operators, calls = len(uses), sum(use.calls for use in uses)
+    return f"{operators} operator{'s' * (operators != 1)}, {calls} call{'s' * (calls != 1)}"
 
 
 def _text_table(columns: list[str], rows: list[list[str]]) -> list[str]:
@@ -441,6 +441,7 @@ def _record(report: AuditReport, target: Target, hvp: bool, reduce, seed: int, s
     say("recording the forward pass")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Anomaly Detection has been enabled")
+        warnings.filterwarnings("ignore", message="Error detected in")  # reported as backward_error instead
         # Anomaly mode stores each autograd node's forward stack, which the backward recorder reads.
         with torch.autograd.set_detect_anomaly(hvp, check_nan=False), same_randomness(seed, target.values):
             try:

@@ -101,6 +101,6 @@ def test_current_autograd_node_and_its_forward_traceback():
         out = torch.cdist(x, torch.ones(3, 2)).sum()  # the line the traceback must name
         with Recorder():
             torch.autograd.grad(out, x)
-    func, name, stack = next(entry for entry in nodes if entry[0] == aten._cdist_backward.default)
+    _, name, stack = next(entry for entry in nodes if entry[0] == aten._cdist_backward.default)
     assert name == "CdistBackward0"
     assert any(__file__ in line and "torch.cdist(x, torch.ones(3, 2))" in line for line in stack)
