@@ -9,7 +9,7 @@ pass too, so every backward operator needs a forward formula.
 - ``[cdist]``: a radial-basis-function network (``torch.cdist`` to learned
   centres). PyTorch alone: ``_cdist_forward`` / ``_euclidean_dist`` and
   ``_cdist_backward`` have no forward formula. With fwdecomp: HVPs, checked
-  against finite differences of the gradient, and the largest Hessian
+  against finite differences of the gradient, and the dominant Hessian
   eigenvalue by power iteration.
 - ``[grid_sample]``: aligning an image by an affine warp (``F.affine_grid`` +
   ``F.grid_sample``), a spatial-transformer step. With the full Hessian of the
@@ -114,7 +114,7 @@ def cdist_part(tiny: bool) -> bool:
             return False
         error = relative_error(got, hvp_by_differences(loss, params, v))
         print(f"[cdist] with fwdecomp:  HVP matches finite differences of the gradient (relative error {error:.1e})")
-        # The largest Hessian eigenvalue (the loss surface's sharpness), by power iteration on HVPs.
+        # The dominant Hessian eigenvalue (largest in magnitude: the loss surface's sharpness), by power iteration.
         u = {k: t / math.sqrt(sum(float(s.pow(2).sum()) for s in v.values())) for k, t in v.items()}
         eigenvalue = 0.0
         for _ in range(iterations):
@@ -122,7 +122,7 @@ def cdist_part(tiny: bool) -> bool:
             eigenvalue = sum(float((hu[k] * u[k]).sum()) for k in u)
             norm = math.sqrt(sum(float(t.pow(2).sum()) for t in hu.values()))
             u = {k: t / norm for k, t in hu.items()}
-        print(f"[cdist] with fwdecomp:  largest Hessian eigenvalue ~ {eigenvalue:.4f} ({iterations} HVPs)")
+        print(f"[cdist] with fwdecomp:  dominant Hessian eigenvalue ~ {eigenvalue:.4f} ({iterations} HVPs)")
     return error < 1e-6
 
 

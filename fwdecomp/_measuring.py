@@ -75,7 +75,7 @@ class Target:
         params = len(self.values) - self.inputs
         if params:
             numbers = sum(v.numel() for v in self.values[self.inputs :])
-            parts.append(f"{params} parameter tensor{'s' * (params != 1)}, {numbers} numbers")
+            parts.append(f"{params} parameter tensor{'s' * (params != 1)} ({numbers} numbers)")
         return parts
 
     def call(self, values: Sequence[torch.Tensor], cast: torch.dtype | None = None) -> Any:

@@ -233,6 +233,12 @@ class Recording:
     uses: dict[OpOverload, OperatorUse] = field(default_factory=dict)
     arguments: dict[OpOverload, Any] = field(default_factory=dict)
     raised: tuple[OpOverload, Site | None] | None = None
+    probe_needed: dict[OpOverload, bool] = field(default_factory=dict)
+
+    def needs_probe(self, op: OpOverload) -> bool:
+        if op not in self.probe_needed:
+            self.probe_needed[op] = needs_probe(op)
+        return self.probe_needed[op]
 
 
 class Recorder(_torch.TorchDispatchMode):
@@ -268,7 +274,7 @@ class Recorder(_torch.TorchDispatchMode):
         use.calls += 1
         takes = _takes_tangent((args, kwargs))
         kept = None
-        if takes and func not in recording.arguments and needs_probe(func):
+        if takes and func not in recording.arguments and recording.needs_probe(func):
             kept = map_leaves((args, kwargs), _keep, is_tensor)  # before the call: in-place ops mutate
         try:
             out = func(*args, **kwargs)

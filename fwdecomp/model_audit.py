@@ -152,7 +152,7 @@ class AuditReport:
             return f"fn raised on the example inputs: {self.error}"
         problems = []
         for use in self.missing:
-            part = "backward pass" if use in (self.backward or ()) else "forward pass"
+            part = "backward pass" if any(use is other for other in self.backward or ()) else "forward pass"
             where = f"{part}, {use.site}" if use.site else part
             problems.append(f"{use.name} ({where}) has no forward formula and no fwdecomp decomposition")
         for name, check in self.checks.items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import textwrap
@@ -9,7 +10,7 @@ import textwrap
 import pytest
 
 import fwdecomp
-from fwdecomp._audit_cli import parse_shape
+from fwdecomp._audit_cli import Progress, parse_shape
 from fwdecomp.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -111,3 +112,13 @@ def test_inventory_markdown(capsys):
     out = capsys.readouterr().out
     assert out.startswith("| operator | native forward AD | fwdecomp | check | samples |")
     assert "| `aten::cholesky` | missing | routes | not run | 0 |" in out
+
+
+def test_progress_line_is_rewritten_in_place_on_a_terminal():
+    stream = io.StringIO()
+    progress = Progress(stream, live=True)
+    progress("recording the forward pass")
+    progress("probing aten::_cdist_forward")
+    progress.close()
+    text = stream.getvalue()
+    assert text.count("\r\x1b[K") == 3 and "\n" not in text and "probing aten::_cdist_forward" in text
