@@ -29,18 +29,25 @@
 Why this level. Forward AD happens in the kernels of PyTorch's *Autograd*
 dispatch keys: that is where a forward formula runs, where fwdecomp's routing
 kernels sit, and where PyTorch raises "not implemented". An operator that is
-``CompositeImplicitAutograd`` (``torch.cdist``, ``F.linear`` on CPU, ...)
-has no formula of its own: at the Autograd key it runs its decomposition, and
-autograd sees the parts. The recorder is a ``TorchDispatchMode``, which sits
-at the ``Python`` key just below Autograd: every operator an Autograd kernel
-handles and passes on arrives there once, already decomposed exactly the way
-autograd decomposed it, while what runs *inside* a kernel (below the mode)
-does not. So it sees precisely the operators whose Autograd kernels need a
-forward formula. (A ``TorchFunctionMode`` would see ``torch.cdist``, above the
-decomposition; a mode below the backend kernels would see kernel internals.)
-The recorder runs in a plain forward and backward pass, because tangents
-must not be present there: PyTorch stops at the first operator it cannot
-differentiate, and fwdecomp would hide the operators it decomposes.
+``CompositeImplicitAutograd`` (``torch.cdist``, ``F.linear``,
+``F.scaled_dot_product_attention``) has no formula of its own: at the Autograd
+key it runs its decomposition, and autograd sees the parts. The recorder is a
+``TorchDispatchMode``, which sits at the ``Python`` key just below Autograd:
+every operator an Autograd kernel handles and passes on arrives there once,
+already decomposed exactly the way autograd decomposed it, and what a backend
+kernel calls internally does not. So it sees precisely the operators whose
+Autograd kernels need a forward formula. (A ``TorchFunctionMode`` sits above
+autograd and sees ``torch.cdist`` itself, not the ``_cdist_forward`` or
+``_euclidean_dist`` kernel that needs the formula.)
+
+The recording is a plain forward and backward pass, with ``requires_grad`` on
+the differentiated tensors marking where tangents flow, not a JVP: PyTorch
+stops at the first operator it cannot differentiate, fwdecomp replaces the
+operators it decomposes, and under a transform the mode would also see the
+tangent arithmetic of every forward formula. A few composite operators choose their parts by whether
+an input requires grad (``embedding_bag``: ``_embedding_bag`` or
+``_embedding_bag_forward_only``); the recording takes the training path, and
+the measured JVP shows whether the path taken under ``jvp`` works.
 
 Finite differences. The reference is computed in float64 whenever possible:
 for an ``nn.Module`` the parameters and buffers are passed as float64 copies
