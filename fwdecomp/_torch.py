@@ -87,3 +87,25 @@ def derivatives_yaml_path() -> str | None:
 def all_operator_names() -> list[str]:
     """Qualified names of every operator the dispatcher knows."""
     return list(torch._C._dispatch_get_all_op_names())
+
+
+# --- used by fwdecomp.model_audit ---------------------------------------------
+
+#: Base class of modes that see every operator call that reaches the ``Python``
+#: dispatch key, just below autograd (imported by ``torch`` itself).
+TorchDispatchMode = torch.utils._python_dispatch.TorchDispatchMode
+
+
+def current_autograd_node() -> Any:
+    """The autograd graph node whose backward is running now, or ``None`` outside a backward pass."""
+    return torch._C._current_autograd_node()
+
+
+def forward_traceback(node: Any) -> list[str] | None:
+    """The Python stack (``traceback.format_stack`` lines) that created ``node``.
+
+    Recorded only while anomaly detection is on (``torch.autograd.set_detect_anomaly``).
+    """
+    if node is None:
+        return None
+    return node.metadata.get("traceback_")
