@@ -109,3 +109,15 @@ def forward_traceback(node: Any) -> list[str] | None:
     if node is None:
         return None
     return node.metadata.get("traceback_")
+
+
+def jvp_decomposed_operators() -> frozenset[OpOverload]:
+    """Operators PyTorch itself decomposes for forward AD (its C++ "JIT decomposition" mechanism).
+
+    They have no formula in derivatives.yaml yet support forward AD. The table
+    lives in ``torch._decomp.decompositions_for_jvp`` (``torch.func.jvp``
+    imports it too; about 0.5 s the first time).
+    """
+    from torch._decomp.decompositions_for_jvp import decomposition_table_for_jvp
+
+    return frozenset(op for op in decomposition_table_for_jvp if isinstance(op, OpOverload))

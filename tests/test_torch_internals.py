@@ -104,3 +104,9 @@ def test_current_autograd_node_and_its_forward_traceback():
     _, name, stack = next(entry for entry in nodes if entry[0] == aten._cdist_backward.default)
     assert name == "CdistBackward0"
     assert any(__file__ in line and "torch.cdist(x, torch.ones(3, 2))" in line for line in stack)
+
+
+def test_jvp_decomposed_operators():
+    ops = _torch.jvp_decomposed_operators()
+    assert aten.native_layer_norm_backward.default in ops
+    assert aten._cdist_forward.default not in ops
