@@ -16,11 +16,13 @@ Example:
 
 from __future__ import annotations
 
-from fwdecomp import registry
-from fwdecomp.api import covered_operators, disable, enable, enabled, is_enabled
+from fwdecomp import jvp_rules, registry
+from fwdecomp.api import covered_operators, disable, enable, enabled, is_enabled, is_strict
+from fwdecomp.autograd_function import NotForwardDifferentiableError, jvp_from_forward
 from fwdecomp.contract import DecompositionError, SignatureMismatchError
 from fwdecomp.formulas import native_forward_formula
 from fwdecomp.interface import DecompositionInterface, Registerer, get_impl, set_impl
+from fwdecomp.jvp_rules import DuplicateJvpRuleError, register_jvp, unregister_jvp
 from fwdecomp.overloads import UnknownOperatorError
 from fwdecomp.registry import (
     DuplicateDecompositionError,
@@ -48,6 +50,8 @@ __all__ = [
     "DecompositionError",
     "DecompositionInterface",
     "DuplicateDecompositionError",
+    "DuplicateJvpRuleError",
+    "NotForwardDifferentiableError",
     "Registerer",
     "Sample",
     "SignatureMismatchError",
@@ -59,9 +63,14 @@ __all__ = [
     "enabled",
     "get_impl",
     "is_enabled",
+    "is_strict",
+    "jvp_from_forward",
+    "jvp_rules",
     "native_forward_formula",
     "register_decomposition",
+    "register_jvp",
     "registry",
     "set_impl",
     "unregister_decomposition",
+    "unregister_jvp",
 ]
