@@ -275,7 +275,8 @@ def subscribe(listener: Callable[[str, OpOverload], None]) -> None:
 
 def _split(value: Any) -> tuple[Any, Any]:
     if isinstance(value, torch.Tensor):
-        return primal_of(value), tangent_of(value)
+        tangent = tangent_of(value)
+        return (value if tangent is None else primal_of(value)), tangent
     if isinstance(value, (list, tuple)):
         pairs = [_split(v) for v in value]
         return type(value)(p for p, _ in pairs), [t for _, t in pairs]
@@ -390,10 +391,11 @@ def run_rule(op: OpOverload, stack: list[Any], rule: JvpRule | None = None) -> N
     args, kwargs = stack_to_arguments(schema, primals)
     try:
         check_results(op, args, kwargs, outputs)
-    except DecompositionError as error:
+    except DecompositionError as error:  # the contract's wording is a decomposition's
+        why = str(error).replace(f"fwdecomp: the decomposition of {rule.name} ", "")
         raise DecompositionError(
             f"fwdecomp: the JVP rule of {rule.name} ({describe_function(rule.fn)}) returned outputs that "
-            f"{rule.name} cannot return: {error}"
+            f"{rule.name} cannot return: it {why.replace('Fix the registered decomposition', 'Fix the rule')}"
         ) from error
     stack[:] = [
         _attach(rule, index, ret, value, tangent)
