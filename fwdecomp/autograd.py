@@ -135,7 +135,8 @@ def _without_decomposition(
     schema = schema_of(op)
     stack = arguments_to_stack(schema, args, kwargs)
     writes = any(
-        a.alias_info is not None and a.alias_info.is_write and _differentiable(v) for a, v in zip(schema.arguments, stack)
+        a.alias_info is not None and a.alias_info.is_write and _differentiable(value)
+        for a, value in zip(schema.arguments, stack)
     )
     if original is None or writes:
         raise NotImplementedError(_not_implemented_message(op))

@@ -124,7 +124,7 @@ def can_carry_tangents(op: OpOverload) -> bool:
     """Whether a call of ``op`` can take a tangent in and pass one on (by its schema)."""
     schema = schema_of(op)
     takes = any(is_tensor_type(a.type) for a in schema.arguments)
-    writes = any(a.alias_info is not None and a.alias_info.is_write and is_tensor_type(a.type) for a in schema.arguments)
+    writes = any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments if is_tensor_type(a.type))
     gives = any(is_tensor_type(r.type) for r in schema.returns)
     return takes and (gives or writes)
 

@@ -162,8 +162,7 @@ def _check_rule(op: OpOverload, fn: Any) -> None:
     problem = _schema_problem(op)
     if problem is not None:
         raise ValueError(
-            f"fwdecomp: cannot register a JVP rule for {qualified_name(op)}: {problem}.\n"
-            f"  schema: {schema_of(op)}"
+            f"fwdecomp: cannot register a JVP rule for {qualified_name(op)}: {problem}.\n  schema: {schema_of(op)}"
         )
 
 
@@ -382,7 +381,10 @@ def run_rule(op: OpOverload, stack: list[Any], rule: JvpRule | None = None) -> N
     outputs, output_tangents = result
     try:
         outputs = results_to_stack(schema, outputs)
-        output_tangents = [None] * len(outputs) if output_tangents is None else results_to_stack(schema, output_tangents)
+        if output_tangents is None:
+            output_tangents = [None] * len(outputs)
+        else:
+            output_tangents = results_to_stack(schema, output_tangents)
     except TypeError as error:
         raise DecompositionError(
             f"fwdecomp: the JVP rule of {rule.name} ({describe_function(rule.fn)}) returned the wrong number "

@@ -105,9 +105,7 @@ def _flatten(blocks, f, xs):
     outs = f(*xs)
     outs = outs if isinstance(outs, tuple) else (outs,)
     rows = blocks if isinstance(blocks[0], tuple) else (blocks,)
-    return [
-        torch.cat([b.reshape(out.numel(), x.numel()) for b, x in zip(row, xs)], 1) for out, row in zip(outs, rows)
-    ]
+    return [torch.cat([b.reshape(out.numel(), x.numel()) for b, x in zip(row, xs)], 1) for out, row in zip(outs, rows)]
 
 
 @NAMES

@@ -96,7 +96,7 @@ def test_several_outputs_and_non_differentiable_ones():
     vr, vt = randn(4), randn(4)
     close(jvp(_rotate, (r, theta), (vr, vt))[1], fd(_rotate, [r, theta], [vr, vt]))
     with forward_ad.dual_level():
-        x, y, count, ones = RotateAndCount.apply(forward_ad.make_dual(r, vr), theta)  # tangent on r only
+        x, _, count, ones = RotateAndCount.apply(forward_ad.make_dual(r, vr), theta)  # tangent on r only
         assert forward_ad.unpack_dual(count).tangent is None
         assert forward_ad.unpack_dual(ones).tangent is None
         close(forward_ad.unpack_dual(x).tangent, vr * torch.cos(theta))
@@ -194,7 +194,7 @@ class CholeskyOfGram(torch.autograd.Function):
 def test_forward_using_an_operator_without_forward_ad():
     """The error names the Function and PyTorch's reason; with fwdecomp enabled the forward is differentiable."""
     x, v = randn(3, 3), randn(3, 3)
-    with pytest.raises(NotForwardDifferentiableError, match="CholeskyOfGram.forward .*Trying to use forward AD"):
+    with pytest.raises(NotForwardDifferentiableError, match=r"CholeskyOfGram\.forward .*Trying to use forward AD"):
         jvp(CholeskyOfGram.apply, (x,), (v,))
     with fwdecomp.enabled():
         close(jvp(CholeskyOfGram.apply, (x,), (v,))[1], fd(CholeskyOfGram.apply, [x], [v]))
@@ -219,7 +219,7 @@ def test_in_place_forward_is_refused():
 
 
 def test_decorator_misuse():
-    with pytest.raises(TypeError, match="torch.autograd.Function subclass"):
+    with pytest.raises(TypeError, match=r"torch\.autograd\.Function subclass"):
         jvp_from_forward(torch.sin)
     with pytest.raises(TypeError, match="already defines jvp"):
 

@@ -32,7 +32,7 @@ def test_pytorch_alone_drops_tangents_silently():
     """The behaviour strict mode replaces (and strict=False keeps): None under forward_ad, zeros under jvp."""
     x, v = randn(4), randn(4)
     assert forward_ad_jvp(_softplus, [x], [v]) is None
-    out, tangent = jvp(_softplus, (x,), (v,))
+    _, tangent = jvp(_softplus, (x,), (v,))
     assert torch.equal(tangent, torch.zeros_like(x))
 
 
@@ -223,9 +223,7 @@ def _define_with_library(ns):
 def _define_with_torch_library_define(ns):
     lib = torch.library.Library(ns, "FRAGMENT")
     torch.library.define(f"{ns}::sinh", "(Tensor x) -> Tensor", lib=lib)
-    torch.library.impl(f"{ns}::sinh", "cpu", lib=lib)(
-        lambda x: torch.from_numpy(np.sinh(x.detach().numpy()))
-    )
+    torch.library.impl(f"{ns}::sinh", "cpu", lib=lib)(lambda x: torch.from_numpy(np.sinh(x.detach().numpy())))
     torch.library.register_autograd(
         f"{ns}::sinh",
         lambda ctx, grad: grad * torch.cosh(ctx.saved_tensors[0]),
@@ -236,7 +234,9 @@ def _define_with_torch_library_define(ns):
 
 
 DEFINERS = pytest.mark.parametrize(
-    "define", [_define_with_custom_op, _define_with_library, _define_with_torch_library_define], ids=lambda f: f.__name__
+    "define",
+    [_define_with_custom_op, _define_with_library, _define_with_torch_library_define],
+    ids=lambda f: f.__name__,
 )
 
 
