@@ -43,6 +43,17 @@ def needs_override(op: OpOverload) -> bool:
     return native_forward_formula(op).status != "native"
 
 
+# Operators defined, or given new kernels, while enabled (custom_ops.DefinitionWatcher).
+# The kernels fwdecomp installs call the autograd kernel they found at install time,
+# so a kernel registered later means installing afresh. fwdecomp's own registrations
+# (made while syncing) are not news.
+class _Syncing(threading.local):
+    active = False
+
+
+_syncing = _Syncing()
+
+
 def _wanted(op: OpOverload) -> bool:
     registered = registry.lookup(op) is not None or jvp_rules.lookup(op) is not None
     if not registered and not (_strict and custom_ops.is_user_operator(op) and custom_ops.can_carry_tangents(op)):
@@ -51,10 +62,14 @@ def _wanted(op: OpOverload) -> bool:
 
 
 def _sync(op: OpOverload) -> None:
-    if _wanted(op):
-        autograd.install(op)
-    else:
-        autograd.uninstall(op)
+    previous, _syncing.active = _syncing.active, True  # our own Library.impl calls are not news
+    try:
+        if _wanted(op):
+            autograd.install(op)
+        else:
+            autograd.uninstall(op)
+    finally:
+        _syncing.active = previous
 
 
 def _on_registry_change(event: str, op: OpOverload) -> None:
@@ -67,56 +82,33 @@ registry.subscribe(_on_registry_change)
 jvp_rules.subscribe(_on_registry_change)
 
 
-# Operators defined, or given new kernels, while enabled (custom_ops.DefinitionWatcher).
-# The kernels fwdecomp installs call the autograd kernel they found at install time,
-# so a kernel registered later means installing afresh. fwdecomp's own registrations
-# (made while syncing) are not news.
-class _Syncing(threading.local):
-    active = False
-
-
-_syncing = _Syncing()
-
-
 def _on_define(op: OpOverload) -> None:
     with _lock:
         if not _enabled or _syncing.active:
             return
-        _syncing.active = True
-        try:
-            name = qualified_name(op)
-            for stale in autograd.installed():  # an earlier operator of that name, since destroyed
-                if stale is not op and qualified_name(stale) == name:
-                    autograd.uninstall(stale)
-            _sync(op)
-        finally:
-            _syncing.active = False
+        name = qualified_name(op)
+        for stale in autograd.installed():  # an earlier operator of that name, since destroyed
+            if stale is not op and qualified_name(stale) == name:
+                autograd.uninstall(stale)
+        _sync(op)
 
 
 def _on_kernels_changed(qualname: str) -> None:
     with _lock:
         if not _enabled or _syncing.active:
             return
-        _syncing.active = True
-        try:
-            for op in autograd.installed():
-                if schema_of(op).name == qualname:
-                    autograd.uninstall(op)
-                    _sync(op)
-        finally:
-            _syncing.active = False
+        for op in autograd.installed():
+            if schema_of(op).name == qualname:
+                autograd.uninstall(op)  # then install afresh: the new kernel is the one to call
+                _sync(op)
 
 
 def _sync_all() -> None:
     ops = {*registry.operators(), *jvp_rules.operators(), *autograd.installed()}
     if _strict:
         ops.update(custom_ops.user_operators())
-    _syncing.active = True
-    try:
-        for op in sorted(ops, key=qualified_name):
-            _sync(op)
-    finally:
-        _syncing.active = False
+    for op in sorted(ops, key=qualified_name):
+        _sync(op)
 
 
 def _on_library_loaded() -> None:
@@ -134,9 +126,9 @@ def enable(strict: bool = True) -> None:
     Calls without tangents still go to PyTorch's own kernels. With
     ``strict=True`` (the default) a custom operator that has neither a
     decomposition nor a JVP rule raises ``NotImplementedError`` when a call
-    carries tangents into it and would return floating-point results, instead of
-    PyTorch's silent ``None`` / zero tangents; ``strict=False`` keeps PyTorch's
-    behaviour for those. Calling ``enable`` again switches the mode and looks
+    carries tangents into it and would lose them, instead of PyTorch's silent
+    ``None`` / zero tangents; ``strict=False`` keeps PyTorch's behaviour for
+    those. Calling ``enable`` again switches the mode and looks
     for custom operators defined since (C++ extensions imported meanwhile).
 
     Example:

@@ -11,10 +11,11 @@ decomposition mechanism:
 - some input does: ask :func:`fwdecomp.interface.get_impl` for the backend and
   run the operator's decomposition there as a boxed call, so tangents flow
   through operators that have formulas (and reverse mode, if needed, records
-  the decomposed graph). When the backend has none, raise — if the call is
-  differentiable: like ``VariableType``, a call that writes into no
-  floating-point tensor and returns none (integer results, say) has no
-  tangent to lose, so it runs PyTorch's kernel on the primals instead.
+  the decomposed graph). When the backend has none, raise where a tangent
+  would be lost: a call that writes into a floating-point tensor raises before
+  it runs; otherwise PyTorch's kernel runs, and a floating-point result without
+  a tangent raises (integer results need none; an operator whose own autograd
+  kernel differentiates it keeps working).
 
 This module depends on :mod:`fwdecomp.interface` only, never on a backend.
 Uninstalling destroys the registrations, which restores the dispatcher
@@ -34,6 +35,7 @@ Example:
 
 from __future__ import annotations
 
+import re
 import threading
 import warnings
 from typing import Any, Callable
@@ -114,6 +116,13 @@ def _differentiable(value: Any) -> bool:
     return isinstance(value, (list, tuple)) and any(_differentiable(v) for v in value)
 
 
+def _lost_tangent(value: Any) -> bool:
+    """Whether a floating-point or complex tensor in ``value`` came back without a tangent."""
+    if isinstance(value, torch.Tensor):
+        return _differentiable(value) and tangent_of(value) is None
+    return isinstance(value, (list, tuple)) and any(_lost_tangent(v) for v in value)
+
+
 def _strip(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return primal_of(value)
@@ -122,15 +131,22 @@ def _strip(value: Any) -> Any:
     return value
 
 
+#: How PyTorch says an operator (VariableType) or an autograd.Function has no forward-mode formula.
+_FORWARD_AD_MISSING = re.compile(r"forward[ -](mode )?AD")
+
+
 def _without_decomposition(
     op: OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any], original: Callable[..., Any] | None
 ) -> Any:
-    """No decomposition: raise if the call is differentiable, else run PyTorch's kernel on the primals.
+    """No decomposition: raise where a tangent would be lost, as ``VariableType`` does.
 
-    Writing into a floating-point or complex argument is differentiable: that
-    is decided before running, so nothing is modified. Otherwise the kernel
-    runs without the tangents; floating-point or complex results would need
-    tangents, so they raise, and integer or boolean results are returned.
+    A call that writes into a floating-point or complex argument raises before
+    it runs, so nothing is modified. Otherwise PyTorch's kernel runs with the
+    tangents (an operator may differentiate itself: a Python autograd kernel
+    made of PyTorch operations, say); a floating-point or complex result that
+    comes back without a tangent raises. When PyTorch refuses the tangents, the
+    kernel runs on the primals: integer or boolean results need no tangent, so
+    they are returned; others raise.
     """
     schema = schema_of(op)
     stack = arguments_to_stack(schema, args, kwargs)
@@ -140,8 +156,16 @@ def _without_decomposition(
     )
     if original is None or writes:
         raise NotImplementedError(_not_implemented_message(op))
-    results = original(_strip(args), {k: _strip(v) for k, v in kwargs.items()})
-    if _differentiable(results if isinstance(results, (list, tuple)) else [results]):
+    try:
+        results = original(args, kwargs)
+    except NotImplementedError as error:
+        if not _FORWARD_AD_MISSING.search(str(error)):
+            raise
+        results = original(_strip(args), {k: _strip(v) for k, v in kwargs.items()})
+        if _differentiable(results if isinstance(results, (list, tuple)) else [results]):
+            raise NotImplementedError(_not_implemented_message(op)) from error
+        return results
+    if _lost_tangent(results if isinstance(results, (list, tuple)) else [results]):
         raise NotImplementedError(_not_implemented_message(op))
     return results
 

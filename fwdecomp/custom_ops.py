@@ -14,8 +14,9 @@ namespaces PyTorch uses for its own internals (:data:`PYTORCH_NAMESPACES`:
 primitives, quantized kernels, collectives, the compiler's helpers, ...), that
 can receive a tangent (it takes a tensor) and can pass one on (it returns a
 tensor or writes into one), and that is not CompositeImplicitAutograd (autograd
-sees through those). Whether a call is differentiable is decided per call:
-integer and boolean results carry no tangents, so such calls still run.
+sees through those). What raises is decided per call, where a tangent would
+be lost (see :mod:`fwdecomp.autograd`): integer results need none, and an
+operator whose own autograd kernel gives tangents keeps working.
 
 Operators defined after ``enable()`` are noticed by hooks on the Python
 entry points that define operators and register their kernels

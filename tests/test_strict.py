@@ -79,6 +79,35 @@ def test_integer_results_need_no_tangent(enabled):
     assert torch.equal(jvp(ops.bucketize, (x,), (v,))[0], torch.floor(x).long())
 
 
+def test_integer_results_with_inputs_that_require_grad(enabled):
+    """PyTorch refuses the tangents (custom_op's autograd.Function has no jvp): still nothing to lose."""
+    x, v = (randn(5) * 3).requires_grad_(), randn(5)
+    with forward_ad.dual_level():
+        out = ops.bucketize(forward_ad.make_dual(x, v))
+    assert torch.equal(out, torch.floor(x.detach()).long())
+
+
+def test_library_operator_without_autograd_kernel(enabled):
+    x, v = randn(3), randn(3)
+    with pytest.raises(NotImplementedError, match="fwdtest::expm1_and_grad"):
+        forward_ad_jvp(lambda z: ops.expm1_and_grad(z, True), [x], [v])
+
+
+def test_operator_that_differentiates_itself_keeps_working(enabled):
+    """An autograd kernel made of PyTorch operations gives tangents on its own: strict mode lets it be."""
+    ns = fresh_namespace()
+    lib = torch.library.Library(ns, "FRAGMENT")
+    lib.define("sin_cos(Tensor x) -> (Tensor, Tensor)")
+    lib.impl("sin_cos", lambda x: (torch.sin(x), torch.cos(x)), "Autograd")
+    lib.impl("sin_cos", lambda x: (torch.sin(x), torch.cos(x)), "CompositeExplicitAutograd")
+    op = getattr(torch.ops, ns).sin_cos.default
+    assert autograd.is_installed(op)
+    x, v = randn(3), randn(3)
+    close(forward_ad_jvp(op, [x], [v]), (torch.cos(x) * v, -torch.sin(x) * v))
+    close(jvp(op, (x,), (v,))[1], (torch.cos(x) * v, -torch.sin(x) * v))
+    lib._destroy()
+
+
 def test_calls_without_tangents_are_unchanged_in_strict_mode(enabled):
     assert autograd.is_installed(ops.softplus.default)
     x = randn(4).requires_grad_()
