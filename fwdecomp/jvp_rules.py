@@ -27,8 +27,11 @@ forward levels (``jvp(jvp(f))``) differentiate the rule. Reverse mode of the
 outputs is the operator's own backward. Forward-over-reverse (Hessians)
 differentiates that backward in forward mode: ``torch.func`` (``hessian``,
 ``jvp(grad(f))``) does so at its own level, where the backward sees the
-tangents; under a single ``torch.autograd.forward_ad`` level it cannot (the
-backward was recorded on tangent-free primals), so use a decomposition there.
+tangents; within the one ``torch.autograd.forward_ad`` level whose tangents
+the rule stripped it cannot (the backward was recorded on tangent-free
+primals, and misses its own dependence on them), so use a decomposition for
+that. fwdecomp warns when it sees a gradient through a rule's outputs being
+differentiated that way.
 
 Any backend can run rules: :func:`run_rule` is the boxed form
 (``run_decomposition(op, stack)``'s contract).
@@ -55,13 +58,22 @@ from __future__ import annotations
 
 import inspect
 import threading
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, TypeVar
 
 import torch
 from torch.autograd import forward_ad
 
-from fwdecomp._torch import OpOverload, primal_of, qualified_name, schema_of, tangent_of
+from fwdecomp._torch import (
+    OpOverload,
+    dual_level_active,
+    forward_grad_is_enabled,
+    primal_of,
+    qualified_name,
+    schema_of,
+    tangent_of,
+)
 from fwdecomp.contract import DecompositionError, SignatureMismatchError, check_results, describe_function
 from fwdecomp.custom_ops import is_tensor_type
 from fwdecomp.overloads import OperatorLike, resolve
@@ -320,6 +332,24 @@ class _RuleError(DecompositionError):
     pass
 
 
+def _warn_on_forward_over_reverse(rule: JvpRule) -> Callable[[torch.Tensor], None]:
+    """A tensor hook on a rule's output: warn when its gradient is being differentiated in forward mode."""
+
+    def hook(grad: torch.Tensor) -> None:
+        if dual_level_active() and forward_grad_is_enabled() and tangent_of(grad) is not None:
+            warnings.warn(
+                f"fwdecomp: a gradient through {rule.name} is being differentiated in forward mode "
+                "(forward-over-reverse, e.g. a Hessian-vector product) inside the forward-AD level where its JVP "
+                f"rule stripped the tangents; {rule.name}'s registered backward was recorded without them, so "
+                "the resulting tangent misses the backward's own dependence on the inputs. For forward-over-"
+                f"reverse, register a decomposition of {rule.name}, or use torch.func.jvp(torch.func.grad(f)); "
+                "if you do not use the gradients' tangents, ignore this warning.",
+                stacklevel=2,
+            )
+
+    return hook
+
+
 def _attach(rule: JvpRule, index: int, ret: Any, value: Any, tangent: Any) -> Any:
     label = f"output {index}" + (f" ({ret.name!r})" if ret.name else "")
 
@@ -399,6 +429,10 @@ def run_rule(op: OpOverload, stack: list[Any], rule: JvpRule | None = None) -> N
             f"fwdecomp: the JVP rule of {rule.name} ({describe_function(rule.fn)}) returned outputs that "
             f"{rule.name} cannot return: it {why.replace('Fix the registered decomposition', 'Fix the rule')}"
         ) from error
+    for value in outputs:
+        for tensor in value if isinstance(value, (list, tuple)) else (value,):
+            if isinstance(tensor, torch.Tensor) and tensor.grad_fn is not None:
+                tensor.register_hook(_warn_on_forward_over_reverse(rule))
     stack[:] = [
         _attach(rule, index, ret, value, tangent)
         for index, (ret, value, tangent) in enumerate(zip(schema.returns, outputs, output_tangents))

@@ -13,6 +13,7 @@ from custom_op_zoo import (
     forward_ad_jvp,
     fresh_namespace,
     ops,
+    polar_decomposition,
     polar_rule,
     randn,
     softplus_decomposition,
@@ -373,3 +374,42 @@ def test_rule_returning_too_many_outputs(enabled):
     r = torch.rand(3, dtype=f64) + 0.5
     with pytest.raises(DecompositionError, match=r"wrong number of outputs.*returns 2 values, got 3 values"):
         jvp(ops.polar, (r, r), (r, r))
+
+
+# --- forward-over-reverse within one forward-AD level ----------------------
+
+
+def _polar_scalar(z):
+    x, y = ops.polar(z[:3].abs() + 0.5, z[3:])
+    return (x**3 + x * y).sum()
+
+
+def _polar_scalar_reference(z):
+    r, theta = z[:3].abs() + 0.5, z[3:]
+    x, y = r * torch.cos(theta), r * torch.sin(theta)
+    return (x**3 + x * y).sum()
+
+
+def test_forward_over_reverse_in_one_level_warns_with_a_rule(enabled):
+    """torch.autograd.functional.hessian(forward-mode) differentiates the op's backward inside the level whose
+    tangents the rule stripped: the result is wrong, and fwdecomp says so. A decomposition gets it right."""
+    z = randn(6)
+    reference = torch.autograd.functional.hessian(_polar_scalar_reference, z)
+    fwdecomp.register_jvp("fwdtest::polar")(polar_rule)
+    with pytest.warns(UserWarning, match="fwdtest::polar is being differentiated in forward mode"):
+        torch.autograd.functional.hessian(_polar_scalar, z, outer_jacobian_strategy="forward-mode", vectorize=True)
+    fwdecomp.unregister_jvp("fwdtest::polar")
+    fwdecomp.register_decomposition("fwdtest::polar")(polar_decomposition)
+    H = torch.autograd.functional.hessian(_polar_scalar, z, outer_jacobian_strategy="forward-mode", vectorize=True)
+    close(H, reference, 1e-10)
+
+
+def test_reverse_through_the_jvp_outside_the_level_does_not_warn(enabled, recwarn):
+    fwdecomp.register_jvp("fwdtest::polar")(polar_rule)
+    r, theta = (torch.rand(3, dtype=f64) + 0.5).requires_grad_(), randn(3)
+    with forward_ad.dual_level():
+        x, _ = ops.polar(forward_ad.make_dual(r, torch.ones(3, dtype=f64)), theta)
+        x, dx = forward_ad.unpack_dual(x)
+    ((x**2).sum() + (dx**2).sum()).backward()
+    assert not [w for w in recwarn if "fwdecomp" in str(w.message)]
+    close(r.grad, 2 * x.detach() * torch.cos(theta))  # dx = cos(theta) does not depend on r
