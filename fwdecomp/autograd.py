@@ -186,8 +186,8 @@ def decompose(
 ) -> Any:
     """Run ``op``'s decomposition through the installed backend (boxed), return its results.
 
-    ``original(args, kwargs)`` calls PyTorch's kernel: used, without tangents,
-    for calls that need none when the backend has no decomposition.
+    ``original(args, kwargs)`` calls PyTorch's kernel: used when the backend
+    has no decomposition, to see whether the call loses a tangent.
     """
     impl = get_impl()
     if impl is None:

@@ -413,3 +413,27 @@ def test_reverse_through_the_jvp_outside_the_level_does_not_warn(enabled, recwar
     ((x**2).sum() + (dx**2).sum()).backward()
     assert not [w for w in recwarn if "fwdecomp" in str(w.message)]
     close(r.grad, 2 * x.detach() * torch.cos(theta))  # dx = cos(theta) does not depend on r
+
+
+def test_list_output(enabled):
+    ns = fresh_namespace()
+    lib = torch.library.Library(ns, "FRAGMENT")
+    lib.define("powers(Tensor x, int n) -> Tensor[]")
+    lib.impl("powers", lambda x, n: [x**k for k in range(1, n + 1)], "CompositeExplicitAutograd")
+    op = getattr(torch.ops, ns).powers.default
+
+    @fwdecomp.register_jvp(op)
+    def powers_jvp(primals, tangents):
+        (x, n), (dx, _) = primals, tangents
+        return op(x, n), [k * x ** (k - 1) * dx for k in range(1, n + 1)]
+
+    x, v = randn(3), randn(3)
+    with forward_ad.dual_level():
+        outs = op(forward_ad.make_dual(x, v), 3)
+        got = tuple(forward_ad.unpack_dual(o).tangent for o in outs)
+    close(got, tuple(fd(lambda z: tuple(op(z, 3)), [x], [v])))
+    fwdecomp.register_jvp(op, replace=True)(lambda p, t: (op(*p), [t[0]]))
+    with forward_ad.dual_level():
+        with pytest.raises(DecompositionError, match="a list tangent for a list of 3 tensors"):
+            op(forward_ad.make_dual(x, v), 3)
+    lib._destroy()
