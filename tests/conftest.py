@@ -25,13 +25,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(autouse=True)
 def _isolation():
-    """Every test starts and ends disabled, with the built-in decomposition table."""
+    """Every test starts and ends disabled, with the built-in decomposition table and no JVP rules."""
     saved = fwdecomp.registry.snapshot()
+    saved_rules = fwdecomp.jvp_rules.snapshot()
     torch.manual_seed(0)
     yield
     left_enabled = fwdecomp.is_enabled()
     fwdecomp.disable()
     fwdecomp.registry.restore(saved)
+    fwdecomp.jvp_rules.restore(saved_rules)
     assert not left_enabled, "the test left fwdecomp enabled"
 
 
