@@ -399,7 +399,7 @@ def _ctc_loss_backward(
     zero_infinity: bool,
 ) -> torch.Tensor:
     problem = _problem(log_probs, targets, input_lengths, target_lengths, blank)
-    steps, batch, classes = log_probs.shape
+    steps, _, classes = log_probs.shape
     alphas = log_alpha.transpose(0, 1)[:, :, : problem.states]
     alphas = torch.where(problem.valid(steps), alphas, float("-inf"))
     total, peak = _occupancy(alphas + _log_betas(log_probs, problem), problem.labels, classes)
