@@ -34,10 +34,15 @@ impossible alignment has a NaN derivative, as in reverse mode. An empty input
 Entries of ``log_alpha`` the kernel leaves uninitialised (``t >=
 input_length`` or beyond ``2 * target_length``) are ``-inf`` here.
 
+Under ``torch.func`` transforms, pass the lengths as tensors when
+``reduction='mean'``: with int lists PyTorch's ``ctc_loss`` builds a tensor from
+them in a way functorch's wrappers reject ("Cannot access data pointer of
+Tensor that doesn't have storage"), after ``_ctc_loss`` returns.
+
 Example:
     >>> import torch, torch.nn.functional as F, fwdecomp
     >>> log_probs = torch.randn(6, 2, 4, dtype=torch.float64).log_softmax(-1)
-    >>> targets, lengths = torch.tensor([[1, 2], [3, 3]]), ([6, 5], [2, 2])
+    >>> targets, lengths = torch.tensor([[1, 2], [3, 3]]), (torch.tensor([6, 5]), torch.tensor([2, 2]))
     >>> with fwdecomp.enabled():
     ...     loss, tangent = torch.func.jvp(
     ...         lambda lp: F.ctc_loss(lp, targets, *lengths), (log_probs,), (torch.randn_like(log_probs),))

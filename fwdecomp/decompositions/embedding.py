@@ -47,6 +47,7 @@ from typing import Iterator
 
 import torch
 
+from fwdecomp._torch import OpOverload
 from fwdecomp.contract import meta_shapes_unreliable
 from fwdecomp.decompositions import builtin
 from fwdecomp.registry import Sample
@@ -117,7 +118,7 @@ def _bag_reduce(
 
 
 def _embedding_bag(
-    op: torch._ops.OpOverload,
+    op: OpOverload,
     weight: torch.Tensor,
     indices: torch.Tensor,
     offsets: torch.Tensor,

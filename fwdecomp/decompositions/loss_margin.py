@@ -94,7 +94,11 @@ def _check_multi_margin(
     if p not in (1, 2):
         raise RuntimeError("only p == 1 and p == 2 supported")
     if target.dim() > 1 or target.numel() != frames:
-        raise RuntimeError(f"inconsistent target size, expected {frames} but got {list(target.shape)}")
+        raise RuntimeError(
+            "multi_margin_loss: target tensor should be 1-D with size equal to the number of input samples "
+            f"(batch size). Expected target size [{frames}], but got {list(target.shape)}. Input has shape "
+            f"{list(input.shape)}."
+        )
     if weight is not None and (weight.dim() > 1 or weight.numel() != classes):
         raise RuntimeError(f"inconsistent weight size, expected {classes} but got {list(weight.shape)}")
     if target.numel() and bool(((target < 0) | (target >= classes)).any()):

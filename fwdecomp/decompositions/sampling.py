@@ -305,9 +305,13 @@ def _computation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _sample(
-    input: torch.Tensor, grid: torch.Tensor, interpolation_mode: int, padding_mode: int, align_corners: bool
+    input: torch.Tensor,
+    grid: torch.Tensor,
+    interpolation_mode: int,
+    padding_mode: int,
+    align_corners: bool,
+    dims: int,
 ) -> torch.Tensor:
-    dims = grid.shape[-1]
     _check(input, grid, interpolation_mode, dims)
     out_dtype = input.dtype
     work = _computation_dtype(out_dtype)
@@ -358,7 +362,7 @@ def grid_sampler_2d(
     input: torch.Tensor, grid: torch.Tensor, interpolation_mode: int, padding_mode: int, align_corners: bool
 ) -> torch.Tensor:
     """``input`` (N, C, H, W) sampled at ``grid`` (N, H_out, W_out, 2), as ``F.grid_sample``."""
-    return _sample(input, grid, interpolation_mode, padding_mode, align_corners)
+    return _sample(input, grid, interpolation_mode, padding_mode, align_corners, 2)
 
 
 @builtin(aten.grid_sampler_3d.default, samples=_grid_3d_samples)
@@ -366,7 +370,7 @@ def grid_sampler_3d(
     input: torch.Tensor, grid: torch.Tensor, interpolation_mode: int, padding_mode: int, align_corners: bool
 ) -> torch.Tensor:
     """``input`` (N, C, D, H, W) sampled at ``grid`` (N, D_out, H_out, W_out, 3), as ``F.grid_sample``."""
-    return _sample(input, grid, interpolation_mode, padding_mode, align_corners)
+    return _sample(input, grid, interpolation_mode, padding_mode, align_corners, 3)
 
 
 # --- backward ------------------------------------------------------------
@@ -380,9 +384,9 @@ def _sample_backward(
     padding_mode: int,
     align_corners: bool,
     input_mask: bool,
+    dims: int,
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Gradients of ``_sample`` with respect to ``input`` (if asked for) and ``grid`` (always)."""
-    dims = grid.shape[-1]
     _check(input, grid, interpolation_mode, dims)
     dtypes = (input.dtype, grid.dtype)
     work = _computation_dtype(input.dtype)
@@ -445,7 +449,7 @@ def grid_sampler_2d_backward(
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Gradients of ``grid_sampler_2d`` for input (None unless ``output_mask[0]``) and grid."""
     return _sample_backward(
-        grad_output, input, grid, interpolation_mode, padding_mode, align_corners, bool(output_mask[0])
+        grad_output, input, grid, interpolation_mode, padding_mode, align_corners, bool(output_mask[0]), 2
     )
 
 
@@ -461,5 +465,5 @@ def grid_sampler_3d_backward(
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Gradients of ``grid_sampler_3d`` for input (None unless ``output_mask[0]``) and grid."""
     return _sample_backward(
-        grad_output, input, grid, interpolation_mode, padding_mode, align_corners, bool(output_mask[0])
+        grad_output, input, grid, interpolation_mode, padding_mode, align_corners, bool(output_mask[0]), 3
     )
