@@ -219,9 +219,7 @@ def _extended_log_probs(log_probs: torch.Tensor, labels: torch.Tensor) -> torch.
     """``log_probs[t, b, l'(s)]`` as ``(T, B, S)``, -inf clamped to log 0."""
     steps = log_probs.shape[0]
     picked = log_probs.gather(2, labels.unsqueeze(0).expand(steps, *labels.shape))
-    if not bool(torch.isfinite(picked.detach()).all()):
-        picked = picked.clamp_min(_LOG_ZERO)
-    return picked
+    return picked.clamp_min(_LOG_ZERO)  # no data-dependent branch: it would break under vmap
 
 
 def _at_lengths(alphas: torch.Tensor, problem: _Problem) -> torch.Tensor:
