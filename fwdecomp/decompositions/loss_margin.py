@@ -107,7 +107,7 @@ def _check_multi_margin(
 
 def _margins(x: torch.Tensor, target: torch.Tensor, margin: float) -> torch.Tensor:
     """``margin - x[y] + x[d]`` for every frame and class ``d``."""
-    return margin - x.gather(1, target.reshape(-1, 1)) + x
+    return aten.rsub.Scalar(x.gather(1, target.reshape(-1, 1)), margin) + x
 
 
 def _multi_margin_output_shape(input: torch.Tensor, target: torch.Tensor) -> tuple[int, ...]:
@@ -150,7 +150,7 @@ def multi_margin_loss(
     if p == 2:
         hinge = hinge * hinge
     hinge = hinge.scatter(1, target.reshape(-1, 1), 0)  # d == y is no margin
-    per_frame = hinge.sum(1) / classes
+    per_frame = aten.div.Scalar(hinge.sum(1), classes)
     if weight is not None:
         per_frame = per_frame * weight.detach()[target.reshape(-1)]
     return _reduce(per_frame, reduction, _multi_margin_output_shape(self, target))
@@ -221,7 +221,7 @@ def _is_target(classes: torch.Tensor, listed: torch.Tensor, dtype: torch.dtype) 
 
 def _multilabel_margins(x: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
     """``1 - x[j] + x[d]`` for every frame, target position ``j`` and class ``d``: ``(frames, J, D)``."""
-    return 1 - x.gather(1, classes).unsqueeze(2) + x.unsqueeze(1)
+    return aten.rsub.Scalar(x.gather(1, classes).unsqueeze(2), 1) + x.unsqueeze(1)
 
 
 def _pairs(listed: torch.Tensor, is_target: torch.Tensor) -> torch.Tensor:
@@ -255,7 +255,7 @@ def multilabel_margin_loss_forward(
     classes, listed = _targets(_check_multilabel(self, x, target))
     is_target = _is_target(classes, listed, x.dtype)
     hinge = torch.relu(_multilabel_margins(x, classes))  # derivative 0 at the kink, as PyTorch's
-    per_frame = (hinge * _pairs(listed, is_target).to(x.dtype)).sum((1, 2)) / x.shape[1]
+    per_frame = aten.div.Scalar((hinge * _pairs(listed, is_target).to(x.dtype)).sum((1, 2)), x.shape[1])
     loss = _reduce(per_frame, reduction, (x.shape[0],) if self.dim() == 2 else ())
     return loss, is_target.reshape(shape)
 

@@ -61,13 +61,18 @@ _REDUCED = (torch.float16, torch.bfloat16)
 
 
 # --- coordinates ---------------------------------------------------------
+#
+# Arithmetic with Python numbers uses the ``.Scalar`` overloads: ``x * 2.0`` on a
+# tensor with a tangent goes through ``mul.Tensor`` and a zero tangent for the
+# number, which costs about ten times more in PyTorch 2.13.
 
 
 def _unnormalize(coord: torch.Tensor, size: int, align_corners: bool) -> tuple[torch.Tensor, float]:
-    """Grid coordinate in [-1, 1] -> pixel coordinate, and its derivative."""
+    """Grid coordinate in [-1, 1] -> pixel coordinate (PyTorch's arithmetic), and its derivative."""
+    shifted = aten.add.Scalar(coord, 1)
     if align_corners:
-        return (coord + 1) / 2 * (size - 1), (size - 1) / 2
-    return ((coord + 1) * size - 1) / 2, size / 2
+        return aten.mul.Scalar(aten.div.Scalar(shifted, 2), size - 1), (size - 1) / 2
+    return aten.div.Scalar(aten.sub.Scalar(aten.mul.Scalar(shifted, size), 1), 2), size / 2
 
 
 def _clip(x: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,12 +86,13 @@ def _reflect(x: torch.Tensor, twice_low: int, twice_high: int) -> tuple[torch.Te
     if twice_low == twice_high:
         return torch.zeros_like(x.detach()), torch.zeros_like(x.detach())
     low, span = twice_low / 2, (twice_high - twice_low) / 2
-    offset = x - low
-    side = torch.where(offset.detach() < 0, -1.0, 1.0).to(x.dtype)
-    distance = offset * side  # |x - low|, derivative +1 at x == low as in PyTorch
+    offset = aten.sub.Scalar(x, low)
+    below = offset.detach() < 0
+    distance = torch.where(below, -offset, offset)  # |x - low|, derivative +1 at x == low as in PyTorch
     extra = torch.fmod(distance, span)
     even = torch.remainder(torch.floor(distance.detach() / span), 2) == 0
-    reflected = torch.where(even, extra + low, span - extra + low)
+    reflected = torch.where(even, aten.add.Scalar(extra, low), aten.add.Scalar(aten.rsub.Scalar(extra, span), low))
+    side = torch.where(below, -1.0, 1.0).to(x.dtype)
     return reflected, torch.where(even, side, -side)
 
 
@@ -136,9 +142,9 @@ def _within(index: torch.Tensor, size: int) -> torch.Tensor:
 def _linear_taps(coord: torch.Tensor, size: int, padding_mode: int, align_corners: bool) -> _Taps:
     x, derivative = _source_coordinate(coord, size, padding_mode, align_corners)
     low = x.detach().floor()
-    upper_weight = x - low
+    upper_weight = x - x.floor()  # floor's (zero) tangent keeps this a fast tangent-tangent op
     index = torch.stack([low, low + 1]).to(torch.int64)
-    weight = torch.stack([1 - upper_weight, upper_weight])
+    weight = torch.stack([aten.rsub.Scalar(upper_weight, 1), upper_weight])
     slope = torch.stack([-derivative * torch.ones_like(low), derivative * torch.ones_like(low)])
     return _Taps(index, weight, slope, _within(index, size))
 
@@ -149,32 +155,30 @@ def _nearest_taps(coord: torch.Tensor, size: int, padding_mode: int, align_corne
     return _Taps(index, None, None, _within(index, size))
 
 
-def _cubic_inner(t: torch.Tensor) -> torch.Tensor:
-    """Cubic convolution kernel for ``|t| <= 1``."""
-    return ((_CUBIC_A + 2) * t - (_CUBIC_A + 3)) * t * t + 1
+def _polynomial(t: torch.Tensor, coefficients: Sequence[float]) -> torch.Tensor:
+    """``c0 t^n + c1 t^(n-1) + ... + cn`` by Horner's rule."""
+    value = aten.mul.Scalar(t, coefficients[0])
+    for c in coefficients[1:-1]:
+        value = aten.add.Scalar(value, c) * t
+    return aten.add.Scalar(value, coefficients[-1])
 
 
-def _cubic_outer(t: torch.Tensor) -> torch.Tensor:
-    """Cubic convolution kernel for ``1 < |t| < 2``."""
-    return ((_CUBIC_A * t - 5 * _CUBIC_A) * t + 8 * _CUBIC_A) * t - 4 * _CUBIC_A
-
-
-def _cubic_inner_slope(t: torch.Tensor) -> torch.Tensor:
-    return (3 * (_CUBIC_A + 2) * t - 2 * (_CUBIC_A + 3)) * t
-
-
-def _cubic_outer_slope(t: torch.Tensor) -> torch.Tensor:
-    return (3 * _CUBIC_A * t - 10 * _CUBIC_A) * t + 8 * _CUBIC_A
+# PyTorch's cubic convolution kernel (A = -0.75) for |t| <= 1 and 1 < |t| < 2, and their slopes
+_INNER = (_CUBIC_A + 2, -(_CUBIC_A + 3), 0.0, 1.0)
+_OUTER = (_CUBIC_A, -5 * _CUBIC_A, 8 * _CUBIC_A, -4 * _CUBIC_A)
+_INNER_SLOPE = (3 * (_CUBIC_A + 2), -2 * (_CUBIC_A + 3), 0.0)
+_OUTER_SLOPE = (3 * _CUBIC_A, -10 * _CUBIC_A, 8 * _CUBIC_A)
 
 
 def _cubic_taps(coord: torch.Tensor, size: int, padding_mode: int, align_corners: bool) -> _Taps:
     x, scale = _unnormalize(coord, size, align_corners)  # bicubic pads each tap, not the coordinate
     low = x.detach().floor()
-    t = x - low
-    weight = torch.stack([_cubic_outer(t + 1), _cubic_inner(t), _cubic_inner(1 - t), _cubic_outer(2 - t)])
-    slope = scale * torch.stack(
-        [_cubic_outer_slope(t + 1), _cubic_inner_slope(t), -_cubic_inner_slope(1 - t), -_cubic_outer_slope(2 - t)]
-    )
+    t = x - x.floor()
+    distances = (aten.add.Scalar(t, 1), t, aten.rsub.Scalar(t, 1), aten.rsub.Scalar(t, 2))
+    kernels = (_OUTER, _INNER, _INNER, _OUTER)
+    weight = torch.stack([_polynomial(d, k) for d, k in zip(distances, kernels)])
+    slopes = [_polynomial(d, k) for d, k in zip(distances, (_OUTER_SLOPE, _INNER_SLOPE, _INNER_SLOPE, _OUTER_SLOPE))]
+    slope = aten.mul.Scalar(torch.stack([slopes[0], slopes[1], -slopes[2], -slopes[3]]), scale)
     offsets = torch.arange(-1, 3, device=x.device).view(4, *([1] * x.dim()))
     index = _pad_index(low.to(torch.int64) + offsets, size, padding_mode, align_corners)
     return _Taps(index, weight, slope, _within(index, size))
@@ -260,6 +264,11 @@ def _tap_weights(plan: _Plan, dtype: torch.dtype) -> torch.Tensor:
     return weight.permute(1, 0, 2).unsqueeze(1)
 
 
+def _interpolate(input: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    """``sum_taps weight * input[tap]`` for every output location: ``(N, C, L)``."""
+    return (_gather_taps(input, plan.index) * _tap_weights(plan, input.dtype)).sum(2)
+
+
 # --- checks --------------------------------------------------------------
 
 
@@ -317,8 +326,7 @@ def _sample(
     work = _computation_dtype(out_dtype)
     input, grid = input.to(work), grid.to(work)
     plan = _plan(input, grid, interpolation_mode, padding_mode, align_corners)
-    values = _gather_taps(input, plan.index)
-    out = (values * _tap_weights(plan, work)).sum(2)
+    out = _interpolate(input, plan)
     return out.reshape(*input.shape[:2], *grid.shape[1:-1]).to(out_dtype)
 
 
