@@ -119,10 +119,12 @@ def _check_forward_over_reverse(f, primals):
         return [(high - low) / (2 * eps) for high, low in zip(plus, minus)]
 
     _, tangents = torch.func.jvp(vjp, primals, directions)
-    for tangent, expected, check in zip(tangents, finite_difference(1e-6), finite_difference(2.5e-7)):
+    for tangent, expected, check in zip(tangents, finite_difference(2.5e-7), finite_difference(6.25e-8)):
         if not expected.numel():
             continue
-        tolerance = 1e-5 * (1 + expected.abs().max().item())
+        # a scale that the few kinks (finite differences of size jump / step) do not inflate
+        typical = expected.abs().flatten()[:1_000_000].quantile(0.999).item()
+        tolerance = 1e-5 * (1 + typical)
         smooth = (expected - check).abs() <= tolerance
         assert (~smooth).sum().item() <= max(3, 1e-3 * expected.numel()), "too many kinks: not a smooth point"
         assert (tangent - expected)[smooth].abs().max().item() <= tolerance
