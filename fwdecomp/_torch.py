@@ -87,3 +87,8 @@ def derivatives_yaml_path() -> str | None:
 def all_operator_names() -> list[str]:
     """Qualified names of every operator the dispatcher knows."""
     return list(torch._C._dispatch_get_all_op_names())
+
+
+def functorch_transforms_active() -> bool:
+    """Whether a ``torch.func`` transform (jvp, vmap, grad, ...) is running around this call."""
+    return bool(torch._C._are_functorch_transforms_active())

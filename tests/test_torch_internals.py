@@ -69,3 +69,18 @@ def test_derivatives_yaml_is_shipped():
     assert path is not None and path.endswith("derivatives.yaml")
     with open(path, encoding="utf-8") as handle:
         assert "- name: _cdist_forward(" in handle.read()
+
+
+def test_functorch_transforms_active():
+    seen = []
+
+    def f(x):
+        seen.append(_torch.functorch_transforms_active())
+        return x * 2
+
+    f(torch.ones(2))
+    torch.func.jvp(f, (torch.ones(2),), (torch.ones(2),))
+    torch.func.vmap(f)(torch.ones(3, 2))
+    with forward_ad.dual_level():
+        f(forward_ad.make_dual(torch.ones(2), torch.ones(2)))
+    assert seen == [False, True, True, False]
