@@ -141,7 +141,8 @@ def _check_dropout_supported(dropout_p: float, name: str) -> None:
 def _reject(name: str, what: str, value: Any) -> None:
     if value is not None:
         raise NotImplementedError(
-            f"fwdecomp: forward AD through {name} with {what} is not supported (got {what}={value!r}); "
+            f"fwdecomp: forward AD through {name} with {what} is not supported (got {what}="
+            f"{'a tensor' if isinstance(value, torch.Tensor) else repr(value)}); "
             "use dense (padded) batches with an attention mask, or PyTorch's math attention backend."
         )
 
@@ -451,7 +452,7 @@ def flash_attention(
         key.shape[2],
         rng_state,
         unused,
-        _empty(torch.float32, device, 0),
+        _empty(query.dtype, device, 0),
     )
 
 
@@ -606,7 +607,7 @@ def flash_attention_forward(
     )
     device = query.device
     rng_state, unused = _rng_pair(device)
-    debug = _empty(torch.float32, device, 0)
+    debug = _empty(query.dtype, device, 0)
     if cum_seq_q is None:
         out, lse = _jvp(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), **options)
         return out.transpose(1, 2), lse.float(), rng_state, unused, debug
