@@ -57,9 +57,8 @@ def test_every_builtin_has_samples():
     """On CPU; an operator with no CPU kernel (the CUDA attention kernels) on its meta kernel."""
     for op in fwdecomp.registry.operators():
         entry = fwdecomp.registry.lookup(op)
-        runs_on_cpu = any(
-            _torch.has_kernel_for_key(op, key) for key in ("CPU", "CompositeExplicitAutograd", "CompositeImplicitAutograd")
-        )
+        keys = ("CPU", "CompositeExplicitAutograd", "CompositeImplicitAutograd")
+        runs_on_cpu = any(_torch.has_kernel_for_key(op, key) for key in keys)
         device = "cpu" if runs_on_cpu else "meta"
         dtype = torch.float64 if device == "cpu" else entry.dtypes[0]
         assert entry.samples is not None and list(entry.samples(device, dtype)), op

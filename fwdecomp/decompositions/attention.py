@@ -159,6 +159,13 @@ def _empty(dtype: torch.dtype, device: torch.device, *shape: int) -> torch.Tenso
     return torch.zeros(shape, dtype=dtype, device=device)
 
 
+def _explicit_tangents(fn: Any) -> Any:
+    """Mark a decomposition that splits primals from tangents itself: the eager backend's zero
+    tangents for tangent-less inputs would only add work (``fwdecomp.backends.eager``)."""
+    fn.fwdecomp_zero_tangents = False
+    return fn
+
+
 # --- samples --------------------------------------------------------------------
 
 
@@ -204,6 +211,7 @@ def _attention_samples(device: str, dtype: torch.dtype) -> Iterator[Sample]:
     samples=_attention_samples,
     dtypes=(torch.float64, torch.float32),
 )
+@_explicit_tangents
 def flash_attention_for_cpu(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -415,6 +423,7 @@ def _padded_lse(lse: torch.Tensor, compute: bool) -> torch.Tensor:
     samples=_cuda_samples(aten._scaled_dot_product_flash_attention.default, "BHLd", "sdpa_flash"),
     dtypes=(torch.float16, torch.bfloat16),
 )
+@_explicit_tangents
 def flash_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -461,6 +470,7 @@ def flash_attention(
     samples=_cuda_samples(aten._scaled_dot_product_efficient_attention.default, "BHLd", "sdpa_efficient"),
     dtypes=(torch.float32, torch.float16, torch.bfloat16),
 )
+@_explicit_tangents
 def efficient_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -504,6 +514,7 @@ def efficient_attention(
     samples=_cuda_samples(aten._scaled_dot_product_cudnn_attention.default, "BHLd", "sdpa_cudnn"),
     dtypes=(torch.float16, torch.bfloat16),
 )
+@_explicit_tangents
 def cudnn_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -565,6 +576,7 @@ def _flash_window(size: int | None) -> int | None:
     samples=_cuda_samples(aten._flash_attention_forward.default, "BLHd", "flash_forward"),
     dtypes=(torch.float16, torch.bfloat16),
 )
+@_explicit_tangents
 def flash_attention_forward(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -629,6 +641,7 @@ def flash_attention_forward(
     samples=_cuda_samples(aten._efficient_attention_forward.default, "BLHd", "efficient_forward"),
     dtypes=(torch.float32, torch.float16, torch.bfloat16),
 )
+@_explicit_tangents
 def efficient_attention_forward(
     query: torch.Tensor,
     key: torch.Tensor,
