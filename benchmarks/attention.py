@@ -115,8 +115,10 @@ def _status(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def peak_extra_bytes(seq: int, name: str, heads: int, dim: int, causal: bool) -> int:
+def peak_extra_bytes(seq: int, name: str, heads: int, dim: int, causal: bool, threads: int | None = None) -> int:
     """Run inside a fresh process: extra resident memory of one call (see the module docstring)."""
+    if threads:
+        torch.set_num_threads(threads)
     fwdecomp.enable()
     warm_p, warm_t = inputs(64, heads, dim, grad="grad" in name)
     warm_p = [p.detach().requires_grad_(p.requires_grad) for p in warm_p]
@@ -131,10 +133,10 @@ def peak_extra_bytes(seq: int, name: str, heads: int, dim: int, causal: bool) ->
     return peak - before
 
 
-def measure_memory(seq: int, name: str, heads: int, dim: int, causal: bool) -> int | str:
+def measure_memory(seq: int, name: str, heads: int, dim: int, causal: bool, threads: int | None = None) -> int | str:
     code = (
         "import json, sys; from benchmarks.attention import peak_extra_bytes; "
-        f"print(json.dumps(peak_extra_bytes({seq}, {name!r}, {heads}, {dim}, {causal})))"
+        f"print(json.dumps(peak_extra_bytes({seq}, {name!r}, {heads}, {dim}, {causal}, {threads})))"
     )
     env = dict(os.environ)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=3600)
@@ -178,8 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--accuracy-max-seq", type=int, default=4096)
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--tiny", action="store_true", help="one repeat (smoke test)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: PyTorch's)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     seqs = [int(s) for s in args.seqs.split(",")]
     names = [m for m in args.methods.split(",") if m]
     repeats = 1 if args.tiny else args.repeats
@@ -215,7 +220,7 @@ def _run(args: argparse.Namespace, seqs: list[int], names: list[str], repeats: i
         }
         times = measure(variants, repeats=repeats, min_batch_seconds=0.0)
         for n in active:
-            memory = None if args.no_memory else measure_memory(seq, n, args.heads, args.dim, args.causal)
+            memory = None if args.no_memory else measure_memory(seq, n, args.heads, args.dim, args.causal, args.threads)
             records.append({"seq": seq, "method": n, "seconds": times[n], "peak_extra_bytes": memory})
         if seq <= args.accuracy_max_seq:
             records.append({"seq": seq, "accuracy": accuracy(seq, args.heads, args.dim, args.causal)})

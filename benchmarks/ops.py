@@ -200,8 +200,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     parser.add_argument("--only", default=None, help="only operators whose name contains this")
     parser.add_argument("--tiny", action="store_true", help="one round at the small size (smoke test)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: PyTorch's)")
     parser.add_argument("--json", default=None, help="also write the raw figures here")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     sizes = ("small",) if args.tiny else tuple(s for s in args.sizes.split(",") if s)
     repeats, min_batch = (1, 0.0) if args.tiny else (args.repeats, 0.02)
     rows = benchmark(sizes, repeats, min_batch, getattr(torch, args.dtype), args.only)

@@ -5,7 +5,8 @@ The kernel walks the ``L x S`` score matrix of every head in blocks of
 for all heads at once is the largest thing it holds. By default the blocks
 are sized so that one block holds at most ``budget`` elements over all
 heads (``2**20``: 4 MiB in float32): ``key`` is the key length up to 1024,
-``query`` fills the rest of the budget (at least 16 rows). Peak extra memory
+``query`` fills the rest of the budget (at least 16 rows); causal and windowed
+attention use square blocks (so that blocks outside the band are skipped). Peak extra memory
 is then a few blocks plus a few tensors of the inputs' size: O(N·d), not
 O(N²).
 
@@ -21,11 +22,14 @@ Example:
     >>> with blocks.block_sizes(budget=2**18):
     ...     blocks.choose(batch_heads=4, query_len=4096, key_len=4096)
     (64, 1024)
+    >>> blocks.choose(batch_heads=4, query_len=4096, key_len=4096, banded=True)  # causal: skip hidden blocks
+    (256, 256)
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 from dataclasses import dataclass, replace
 from typing import Iterator
@@ -95,10 +99,20 @@ def block_sizes(query: int | None = None, key: int | None = None, budget: int | 
         _state.config = previous
 
 
-def choose(batch_heads: int, query_len: int, key_len: int, config: BlockConfig | None = None) -> tuple[int, int]:
-    """``(query_block, key_block)`` for ``batch_heads`` heads of ``query_len x key_len`` scores."""
+def choose(
+    batch_heads: int, query_len: int, key_len: int, config: BlockConfig | None = None, banded: bool = False
+) -> tuple[int, int]:
+    """``(query_block, key_block)`` for ``batch_heads`` heads of ``query_len x key_len`` scores.
+
+    ``banded`` (causal or windowed attention): square blocks of half the side
+    the budget allows, so that whole blocks outside the band are skipped.
+    """
     config = get_config() if config is None else config
     batch_heads = max(batch_heads, 1)
+    if banded and config.query is None and config.key is None:
+        side = math.isqrt(config.budget // batch_heads) // 2
+        side = max(64, min(MAX_KEY_BLOCK, side - side % MIN_QUERY_BLOCK))
+        return max(1, min(side, query_len)), max(1, min(side, key_len))
     key = config.key or min(key_len, MAX_KEY_BLOCK)
     if config.key is None and batch_heads * MIN_QUERY_BLOCK * key > config.budget:
         key = max(MIN_KEY_BLOCK, config.budget // (batch_heads * MIN_QUERY_BLOCK))

@@ -202,7 +202,9 @@ def attention_jvp(
         offset = 0 if causal_from == "top_left" else key_length - length
         low = None if low is None else offset - low
         high = None if high is None else offset + high
-    chosen_query, chosen_key = blocks.choose(batch * query_heads, length, key_length)
+    chosen_query, chosen_key = blocks.choose(
+        batch * query_heads, length, key_length, banded=low is not None or high is not None
+    )
     spec = Spec(
         scale=1.0 / math.sqrt(features) if scale is None else float(scale),
         band=(low, high),

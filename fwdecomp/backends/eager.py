@@ -5,7 +5,6 @@ implementation of the decomposition interface (``import fwdecomp`` does it).
 
 Example:
     >>> import torch
-from torch.autograd import forward_ad
     >>> from fwdecomp.backends.eager import EagerBackend
     >>> import fwdecomp.decompositions  # the built-in library
     >>> backend = EagerBackend()

@@ -305,7 +305,7 @@ def _attention_vjp(
     if mask is not None:
         m = canonical_mask(mask if mask.dtype == torch.bool else mask.to(dtype), query_heads, kv_heads)
     offset = 0 if causal_from == "top_left" else key_length - length
-    block_query, block_key = blocks.choose(batch * query_heads, length, key_length)
+    block_query, block_key = blocks.choose(batch * query_heads, length, key_length, banded=is_causal)
     spec = kernel.Spec(
         scale=1.0 / math.sqrt(features) if scale is None else float(scale),
         band=(None, offset if is_causal else None),
