@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -159,19 +160,40 @@ def _score_tangent(q: Tensor, k: Tensor, dq: Opt, dk: Opt, dmask: Opt, groups: i
     return t
 
 
-def _in_place(op: str, a: Tensor, b: Tensor | float) -> Tensor:
-    """``a.op_(b)`` on a fresh intermediate when nothing records a graph, else ``a.op(b)``.
+def _recording(*tensors: Any) -> bool:
+    """Whether autograd records operations on any of these (then nothing is overwritten in place)."""
+    return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
 
-    In-place saves a pass over a score block's memory. It is skipped under
-    grad mode (autograd may need the old value) and when ``torch.func.vmap``
-    refuses it (``a`` unbatched, ``b`` batched): then the out-of-place op runs.
+
+def _in_place(op: str, a: Tensor, b: Tensor | float | None = None) -> Tensor:
+    """``a.op_(b)`` on a fresh intermediate ``a`` when autograd does not record it, else ``a.op(b)``.
+
+    In-place saves a pass over a score block's memory and an allocation. When
+    autograd records (it may need the old value) it is skipped, and when
+    ``torch.func.vmap`` refuses it (``a`` unbatched, ``b`` batched) the
+    out-of-place op runs instead.
     """
-    if not torch.is_grad_enabled():
+    args = () if b is None else (b,)
+    if not _recording(a, b):
         try:
-            return getattr(a, op + "_")(b)
+            return getattr(a, op + "_")(*args)
         except RuntimeError:
             pass
-    return getattr(a, op)(b)
+    return getattr(a, op)(*args)
+
+
+def _matmul_add(acc: Tensor, a: Tensor, b: Tensor, groups: int) -> Tensor:
+    """``acc + a @ b`` (``a`` grouped as in :func:`_matmul`), accumulated in place by BLAS when allowed."""
+    if not _recording(acc, a, b) and acc.is_contiguous():
+        try:
+            flat_acc = acc.view(-1, a.shape[2] * a.shape[3], acc.shape[-1])
+            flat_a = _grouped(a).reshape(-1, a.shape[2] * a.shape[3], a.shape[4])
+            flat_b = b.reshape(-1, b.shape[-2], b.shape[-1])
+            flat_acc.baddbmm_(flat_a, flat_b)
+            return acc
+        except RuntimeError:
+            pass
+    return acc + _matmul(a, b, groups)
 
 
 def _cat(tensors: list[Tensor | None]) -> Tensor | None:
@@ -179,6 +201,17 @@ def _cat(tensors: list[Tensor | None]) -> Tensor | None:
     if not present:
         return None
     return present[0] if len(present) == 1 else torch.cat(present, dim=-1)
+
+
+@dataclass
+class _Rows:
+    """The online-softmax state of one block of query rows."""
+
+    peak: Tensor | None = None
+    total: Tensor | None = None
+    acc_o: Tensor | None = None
+    acc_t: Tensor | None = None
+    acc_dl: Tensor | None = None
 
 
 def forward(
@@ -197,131 +230,115 @@ def forward(
     ``q`` is *not* yet scaled. Shapes: ``o``/``do`` ``(B, Hkv, G, L, e)``,
     ``lse``/``dl`` ``(B, Hkv, G, L)``. Missing tangents (``None``) are zero.
 
-    Per block this is three matrix products on the score side and two on the
-    value side: ``s = q k^T``; ``t = [dq, q] [k, dk]^T`` (one product with
-    inner size 2d); ``p [v, dv, 1]`` (output, its ``dv`` term and the row sums
-    at once); ``(p * t) [v, 1]`` (the ``t`` term and ``dl``).
+    The loop runs over key blocks outside and query blocks inside, so each
+    key block's operands are assembled once: per block, ``s = q k^T``;
+    ``t = dq k^T + q dk^T`` (the second product accumulated in place);
+    ``p [v, dv, 1]`` (output, its ``dv`` term and the row sums in one product);
+    ``(p * t) [v, 1]`` (the ``t`` term and ``dl``). Beyond a few blocks, the
+    memory is the outputs and the running state of every row: O(N·d).
     """
     groups, length, key_length = q.shape[2], q.shape[3], k.shape[2]
-    q = q * spec.scale
-    dq = None if dq is None else dq * spec.scale
+    e = v.shape[-1]
     has_t = dq is not None or dk is not None or dmask is not None
-    # Score-tangent operands: t = [dq, q] @ [k, dk]^T (+ dmask).
-    t_queries = _cat([dq, q if dk is not None else None])
-    t_keys = _cat([k if dq is not None else None, dk])
     dropout = spec.dropout_p > 0
-    ones = torch.ones((*k.shape[:-1], 1), dtype=v.dtype, device=v.device)
-    values = _cat([v, dv] if dropout else [v, dv, ones])
-    t_values = v if dropout else _cat([v, ones])
-    outputs: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
-    for qi, rows in enumerate(_spans(length, spec.block_query)):
-        outputs.append(
-            _forward_rows(
-                spec,
-                q,
-                k,
-                values,
-                t_queries,
-                t_keys,
-                t_values,
-                mask,
-                dmask,
-                qi,
-                rows,
-                groups,
-                key_length,
-                v.shape[-1],
-                dv is not None,
-                has_t,
-            )
-        )
+    keep_scale = 1.0 / (1.0 - spec.dropout_p) if dropout else 1.0
+    row_spans = _spans(length, spec.block_query)
+    state = [_Rows() for _ in row_spans]
+    for ki, cols in enumerate(_spans(key_length, spec.block_key)):
+        c0, c1 = cols
+        kb, vb = _span(k, -2, c0, c1), _span(v, -2, c0, c1)
+        dkb = None if dk is None else _span(dk, -2, c0, c1)
+        dvb = None if dv is None else _span(dv, -2, c0, c1)
+        ones = None if dropout else torch.ones((*vb.shape[:-1], 1), dtype=vb.dtype, device=vb.device)
+        values = _cat([vb, dvb, ones])  # p @ values: output, its dv term, row sums
+        t_values = _cat([vb, ones])  # (p * t) @ t_values: the t term and dl
+        for qi, rows in enumerate(row_spans):
+            qb = _span(q, -2, rows[0], rows[1]) * spec.scale
+            s = _scores(spec, qb, kb, _slice(mask, rows, cols), rows, cols, groups)
+            if s is None:
+                continue
+            t = None
+            if has_t:
+                if dq is not None:
+                    t = _matmul(_span(dq, -2, rows[0], rows[1]) * spec.scale, kb.mT, groups)
+                if dkb is not None:
+                    t = _matmul(qb, dkb.mT, groups) if t is None else _matmul_add(t, qb, dkb.mT, groups)
+                block_dmask = _slice(dmask, rows, cols)
+                if block_dmask is not None:
+                    # (never a view of the caller's tensor: ``t`` is scaled in place below)
+                    t = block_dmask.expand(s.shape).clone() if t is None else _in_place("add", t, block_dmask)
+            _update(spec, state[qi], s, t, values, t_values, e, dvb is not None, (qi, ki), keep_scale, groups)
+    outputs = []
+    for qi, (r0, r1) in enumerate(row_spans):
+        outputs.append(_finish(spec, state[qi], _span(q, -2, r0, r1), e))
+        state[qi] = _Rows()  # free the running sums as soon as their rows are done
     o, lse, do, dl = (torch.cat(parts, dim=3) for parts in zip(*outputs))
     return o, lse.squeeze(-1), do, dl.squeeze(-1)
 
 
-def _forward_rows(
+def _update(
     spec: Spec,
-    q: Tensor,
-    k: Tensor,
+    st: _Rows,
+    s: Tensor,
+    t: Opt,
     values: Tensor,
-    t_queries: Opt,
-    t_keys: Opt,
     t_values: Tensor,
-    mask: Opt,
-    dmask: Opt,
-    qi: int,
-    rows: tuple[int, int],
-    groups: int,
-    key_length: int,
     e: int,
     has_dv: bool,
-    has_t: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    r0, r1 = rows
-    qb = _span(q, -2, r0, r1)
-    tqb = None if t_queries is None else _span(t_queries, -2, r0, r1)
-    dropout = spec.dropout_p > 0
-    keep_scale = 1.0 / (1.0 - spec.dropout_p) if dropout else 1.0
-    peak = total = acc_o = acc_t = acc_dl = None
-    for ki, cols in enumerate(_spans(key_length, spec.block_key)):
-        c0, c1 = cols
-        s = _scores(spec, qb, _span(k, -2, c0, c1), _slice(mask, rows, cols), rows, cols, groups)
-        if s is None:
-            continue
-        block_peak = s.detach().amax(-1, keepdim=True)
-        new_peak = block_peak if peak is None else torch.maximum(peak, block_peak)
-        finite_peak = torch.where(new_peak == -math.inf, 0.0, new_peak)
-        p = _in_place("sub", s, finite_peak)
-        p = p.exp_() if not torch.is_grad_enabled() else p.exp()
-        t = None
-        if has_t:
-            if tqb is not None:
-                t = _matmul(tqb, _span(t_keys, -2, c0, c1).mT, groups)
-            block_dmask = _slice(dmask, rows, cols)
-            if block_dmask is not None:
-                # (never a view of the caller's tensor: ``t`` is scaled in place below)
-                t = block_dmask.expand(p.shape).clone() if t is None else t + block_dmask
-        kept = None
-        if dropout:
-            kept = keep_mask(spec, p.shape, (qi, ki), p.device) * keep_scale
-            block_total = p.sum(-1, keepdim=True)
-            products = _matmul(p * kept, _span(values, -2, c0, c1), groups)
+    index: tuple[int, int],
+    keep_scale: float,
+    groups: int,
+) -> None:
+    """Fold one block of scores ``s`` (and their tangent ``t``) into the rows' running state."""
+    block_peak = s.detach().amax(-1, keepdim=True)
+    new_peak = block_peak if st.peak is None else torch.maximum(st.peak, block_peak)
+    finite_peak = torch.where(new_peak == -math.inf, 0.0, new_peak)
+    p = _in_place("exp", _in_place("sub", s, finite_peak))
+    kept = None
+    if spec.dropout_p > 0:
+        kept = keep_mask(spec, p.shape, index, p.device) * keep_scale
+        block_total = p.sum(-1, keepdim=True)
+        products = _matmul(p * kept, values, groups)
+    else:
+        products = _matmul(p, values, groups)
+        block_total = _span(products, -1, products.shape[-1] - 1, products.shape[-1])
+    block_o = _span(products, -1, 0, e)
+    block_t = _span(products, -1, e, 2 * e) if has_dv else None
+    block_dl = None
+    if t is not None:
+        pt = _in_place("mul", t, p)
+        if kept is not None:
+            block_dl = pt.sum(-1, keepdim=True)
+            block_t = _add(block_t, _matmul(pt * kept, t_values, groups))
         else:
-            products = _matmul(p, _span(values, -2, c0, c1), groups)
-            block_total = _span(products, -1, products.shape[-1] - 1, products.shape[-1])
-        block_o = _span(products, -1, 0, e)
-        block_t = _span(products, -1, e, 2 * e) if has_dv else None
-        block_dl = None
-        if t is not None:
-            pt = _in_place("mul", t, p)
-            if dropout:
-                block_dl = pt.sum(-1, keepdim=True)
-                block_t = _add(block_t, _matmul(pt * kept, _span(t_values, -2, c0, c1), groups))
-            else:
-                pt_products = _matmul(pt, _span(t_values, -2, c0, c1), groups)
-                block_dl = _span(pt_products, -1, pt_products.shape[-1] - 1, pt_products.shape[-1])
-                block_t = _add(block_t, _span(pt_products, -1, 0, e))
-        if peak is None:
-            total, acc_o, acc_t, acc_dl = block_total, block_o, block_t, block_dl
-        else:
-            # Rescale what was summed under the old running maximum (the online softmax).
-            alpha = torch.exp(torch.where(peak == -math.inf, -math.inf, peak - finite_peak))
-            total = total * alpha + block_total
-            acc_o = acc_o * alpha + block_o
-            acc_t = _rescaled_sum(acc_t, alpha, block_t)
-            acc_dl = _rescaled_sum(acc_dl, alpha, block_dl)
-        peak = new_peak
+            pt_products = _matmul(pt, t_values, groups)
+            block_dl = _span(pt_products, -1, e, e + 1)
+            block_t = _add(block_t, _span(pt_products, -1, 0, e))
+    if st.peak is None:
+        st.total, st.acc_o, st.acc_t, st.acc_dl = block_total, block_o, block_t, block_dl
+    else:
+        # Rescale what was summed under the old running maximum (the online softmax).
+        alpha = torch.exp(torch.where(st.peak == -math.inf, -math.inf, st.peak - finite_peak))
+        st.total = st.total * alpha + block_total
+        st.acc_o = st.acc_o * alpha + block_o
+        st.acc_t = _rescaled_sum(st.acc_t, alpha, block_t)
+        st.acc_dl = _rescaled_sum(st.acc_dl, alpha, block_dl)
+    st.peak = new_peak
+
+
+def _finish(spec: Spec, st: _Rows, qb: Tensor, e: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(o, lse, do, dl)`` of a block of rows from its running state."""
     shape = (*qb.shape[:-1], 1)
-    if peak is None:  # the band hides every key from these rows
+    if st.peak is None:  # the band hides every key from these rows
         zeros = qb.new_zeros((*qb.shape[:-1], e))
         return zeros, qb.new_full(shape, spec.dead_lse), zeros, qb.new_zeros(shape)
-    dead = total == 0
-    safe_total = torch.where(dead, 1.0, total)
-    o = acc_o / safe_total
-    lse = torch.where(dead, spec.dead_lse, torch.where(dead, 0.0, peak) + torch.log(safe_total))
-    dl = qb.new_zeros(shape) if acc_dl is None else acc_dl / safe_total
-    do = torch.zeros_like(o) if acc_t is None else acc_t / safe_total
-    if acc_dl is not None:
+    dead = st.total == 0
+    safe_total = torch.where(dead, 1.0, st.total)
+    o = st.acc_o / safe_total
+    lse = torch.where(dead, spec.dead_lse, torch.where(dead, 0.0, st.peak) + torch.log(safe_total))
+    dl = qb.new_zeros(shape) if st.acc_dl is None else st.acc_dl / safe_total
+    do = torch.zeros_like(o) if st.acc_t is None else st.acc_t / safe_total
+    if st.acc_dl is not None:
         do = do - dl * o
     return o, lse, do, dl
 
