@@ -23,8 +23,10 @@ at each length). Peak memory: each (length, method) runs in a *fresh*
 subprocess that allocates the inputs, resets the kernel's peak-RSS counter
 (``echo 5 > /proc/self/clear_refs``), runs the call once and reports
 ``VmHWM - VmRSS(before)`` from ``/proc/self/status``: the extra resident memory
-the call needed, outputs included (PyTorch's CPU allocator returns large
-blocks to the OS, so RSS follows the tensors).
+the call needed, outputs included. The subprocess runs with a fixed glibc mmap
+threshold (``MALLOC_MMAP_THRESHOLD_=131072``), so large tensors are mapped and
+unmapped as they live and die and resident memory follows them (tracemalloc
+does not see PyTorch's allocations; PyTorch keeps no CPU allocator statistics).
 """
 
 from __future__ import annotations
@@ -138,7 +140,10 @@ def measure_memory(seq: int, name: str, heads: int, dim: int, causal: bool, thre
         "import json, sys; from benchmarks.attention import peak_extra_bytes; "
         f"print(json.dumps(peak_extra_bytes({seq}, {name!r}, {heads}, {dim}, {causal}, {threads})))"
     )
-    env = dict(os.environ)
+    # A fixed mmap threshold: glibc then maps every large block and unmaps it when freed, so
+    # resident memory follows the live tensors (its default, adaptive threshold keeps freed
+    # blocks of up to 32 MB in the heap, which adds allocator noise to the peak).
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=3600)
     if result.returncode != 0:
         return "n/a: " + (result.stderr.strip().splitlines() or ["failed"])[-1][:80]
