@@ -188,7 +188,7 @@ def test_block_sizes_do_not_change_results():
 
 
 def test_automatic_block_sizes_and_settings():
-    assert blocks.choose(4, 4096, 4096) == (256, 1024)
+    assert blocks.choose(4, 4096, 4096) == (128, 1024)
     assert blocks.choose(4, 100, 50) == (100, 50)  # small problems: one block
     assert blocks.choose(4, 4096, 4096, banded=True) == (256, 256)  # causal: square blocks, skipped ones
     q, k = blocks.choose(512, 8192, 8192)  # many heads: blocks shrink, never below the minimums
@@ -201,7 +201,7 @@ def test_automatic_block_sizes_and_settings():
         assert blocks.choose(4, 4096, 4096) == (32, 1024)
     finally:
         blocks.set_block_sizes(previous.query, previous.key, previous.budget)
-    assert blocks.choose(4, 4096, 4096) == (256, 1024)
+    assert blocks.choose(4, 4096, 4096) == (128, 1024)
     with pytest.raises(ValueError, match="query must be a positive int"):
         blocks.set_block_sizes(query=0)
 

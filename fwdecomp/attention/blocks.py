@@ -4,7 +4,7 @@ The kernel walks the ``L x S`` score matrix of every head in blocks of
 ``query`` rows by ``key`` columns; one block of scores (and of its tangent)
 for all heads at once is the largest thing it holds. By default the blocks
 are sized so that one block holds at most ``budget`` elements over all
-heads (``2**20``: 4 MiB in float32): ``key`` is the key length up to 1024,
+heads (``2**19``: 2 MiB in float32): ``key`` is the key length up to 1024,
 ``query`` fills the rest of the budget (at least 16 rows); causal and windowed
 attention use square blocks (so that blocks outside the band are skipped). Peak extra memory
 is then a few blocks plus a few tensors of the inputs' size: O(N·d), not
@@ -15,7 +15,7 @@ Override them for a region of code, or for the whole process:
 Example:
     >>> from fwdecomp.attention import blocks
     >>> blocks.choose(batch_heads=4, query_len=4096, key_len=4096)
-    (256, 1024)
+    (128, 1024)
     >>> with blocks.block_sizes(query=128, key=512):
     ...     blocks.choose(batch_heads=4, query_len=4096, key_len=4096)
     (128, 512)
@@ -36,7 +36,7 @@ from typing import Iterator
 
 __all__ = ["BlockConfig", "block_sizes", "choose", "get_config", "set_block_sizes"]
 
-DEFAULT_BUDGET = 2**20
+DEFAULT_BUDGET = 2**19
 MAX_KEY_BLOCK = 1024
 MIN_QUERY_BLOCK = 16
 MIN_KEY_BLOCK = 128
@@ -104,13 +104,13 @@ def choose(
 ) -> tuple[int, int]:
     """``(query_block, key_block)`` for ``batch_heads`` heads of ``query_len x key_len`` scores.
 
-    ``banded`` (causal or windowed attention): square blocks of half the side
-    the budget allows, so that whole blocks outside the band are skipped.
+    ``banded`` (causal or windowed attention): square blocks holding half the
+    budget, so that whole blocks outside the band are skipped.
     """
     config = get_config() if config is None else config
     batch_heads = max(batch_heads, 1)
     if banded and config.query is None and config.key is None:
-        side = math.isqrt(config.budget // batch_heads) // 2
+        side = math.isqrt(config.budget // (2 * batch_heads))
         side = max(64, min(MAX_KEY_BLOCK, side - side % MIN_QUERY_BLOCK))
         return max(1, min(side, query_len)), max(1, min(side, key_len))
     key = config.key or min(key_len, MAX_KEY_BLOCK)
