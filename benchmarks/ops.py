@@ -122,6 +122,13 @@ def _variants(op: Any, sample: Any) -> dict[str, Variant]:
     }
 
 
+def _cell(value: Any) -> str:
+    text = format_seconds(value)
+    if text.startswith("n/a") and "derivative for" in text:
+        return "n/a (PyTorch: no double backward)"
+    return text
+
+
 def _ratio(value: Any, base: Any) -> str:
     if isinstance(value, float) and isinstance(base, float) and base > 0:
         return f"{value / base:.2f}x"
@@ -178,7 +185,7 @@ def render(rows: list) -> str:
                 format_seconds(t["func.jvp"]),
                 _ratio(t["func.jvp"], t["primal"]),
                 f"{format_seconds(t['1 input, zero tangents'])} / {format_seconds(t['1 input, no zero tangents'])}",
-                format_seconds(t["double backward"]),
+                _cell(t["double backward"]),
                 format_seconds(t["central FD"]),
             ]
         )
