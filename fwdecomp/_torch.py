@@ -188,3 +188,8 @@ def library_qualname(library: torch.library.Library, op_name: Any) -> str:
 def library_impl_key(library: torch.library.Library, dispatch_key: str) -> str:
     """The dispatch key a ``Library.impl`` call registers to (its defaults resolved)."""
     return dispatch_key or library.dispatch_key or "CompositeImplicitAutograd"
+
+
+def functorch_transforms_active() -> bool:
+    """Whether a ``torch.func`` transform (jvp, vmap, grad, ...) is running around this call."""
+    return bool(torch._C._are_functorch_transforms_active())

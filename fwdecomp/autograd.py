@@ -43,7 +43,15 @@ from typing import Any, Callable
 import torch
 
 from fwdecomp import _torch
-from fwdecomp._torch import OpOverload, namespace, primal_of, qualified_name, schema_of, tangent_of
+from fwdecomp._torch import (
+    OpOverload,
+    dual_level_active,
+    namespace,
+    primal_of,
+    qualified_name,
+    schema_of,
+    tangent_of,
+)
 from fwdecomp.interface import get_impl
 from fwdecomp.stack import arguments_to_stack, stack_to_results
 
@@ -218,7 +226,9 @@ def _make_kernel(op: OpOverload, original: Any) -> Callable[..., Any]:
     call_original = original.call_boxed
 
     def kernel(keyset: Any, *args: Any, **kwargs: Any) -> Any:
-        if carries_tangent(args) or carries_tangent(kwargs.values()):
+        # No forward-AD level open (torch.func.jvp opens one too): no input can carry a
+        # tangent, and the per-tensor checks are skipped (most of the routing's cost).
+        if dual_level_active() and (carries_tangent(args) or carries_tangent(kwargs.values())):
             return decompose(op, args, kwargs, lambda a, k: call_original(keyset, *a, **k))
         return call_original(keyset, *args, **kwargs)
 

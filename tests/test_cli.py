@@ -24,7 +24,8 @@ def test_audit_json(capsys):
     rows = json.loads(capsys.readouterr().out)["operators"]
     names = {row["name"] for row in rows}
     assert {"aten::_cdist_forward", "aten::cholesky", "aten::_euclidean_dist"} <= names
-    assert all(row["check"] == "pass" and row["native"] != "native" for row in rows)
+    assert all(row["check"] in ("pass", "no CPU samples") and row["native"] != "native" for row in rows)
+    assert sum(row["check"] == "pass" for row in rows) >= 8
 
 
 def test_audit_fails_on_a_broken_decomposition(capsys):

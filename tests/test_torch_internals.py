@@ -181,3 +181,18 @@ def test_definition_entry_points():
     assert _torch.library_impl_key(lib, "AutogradCPU") == "AutogradCPU"
     assert _torch.library_impl_key(torch.library.Library("fwdecomp_internals", "IMPL", "CPU"), "") == "CPU"
     lib._destroy()
+
+
+def test_functorch_transforms_active():
+    seen = []
+
+    def f(x):
+        seen.append(_torch.functorch_transforms_active())
+        return x * 2
+
+    f(torch.ones(2))
+    torch.func.jvp(f, (torch.ones(2),), (torch.ones(2),))
+    torch.func.vmap(f)(torch.ones(3, 2))
+    with forward_ad.dual_level():
+        f(forward_ad.make_dual(torch.ones(2), torch.ones(2)))
+    assert seen == [False, True, True, False]

@@ -1,0 +1,247 @@
+"""Every operator fwdecomp covers: primal vs JVP time, and what the alternatives cost.
+
+Run from the repository root::
+
+    .venv/bin/python -m benchmarks.ops                 # small + realistic sizes, markdown table
+    .venv/bin/python -m benchmarks.ops --tiny          # one quick round (the CI smoke test)
+    .venv/bin/python -m benchmarks.ops --json out.json --sizes realistic --repeats 9
+
+Per operator and size (see :mod:`benchmarks.sizes`), medians over interleaved
+repeats of:
+
+- ``primal``: the operator without tangents, fwdecomp disabled (PyTorch's kernel);
+- ``overhead``: what fwdecomp's routing adds to a call *without* tangents
+  (enabled minus disabled; goal < 5 µs and < 2 % at the realistic size);
+- ``JVP forward_ad`` / ``JVP func.jvp``: the JVP through fwdecomp, and its ratio to the primal;
+- ``1st input only``: ``forward_ad`` with a tangent on the first input only (the
+  others plain), with the eager backend's materialised zero tangents on and off:
+  the share of PyTorch's slow ZeroTensor path for mixed dual/plain inputs;
+- ``double backward``: ``torch.autograd.functional.jvp`` (the double-vjp trick,
+  PyTorch alone), where PyTorch can differentiate the operator's backward;
+- ``central FD``: two primal calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import statistics
+import sys
+from typing import Any
+
+import torch
+from torch.autograd import forward_ad
+
+import fwdecomp
+from benchmarks._common import Variant, format_seconds, markdown_table, measure
+from benchmarks.sizes import SIZE_NAMES, benchmark_sample
+from fwdecomp import _torch, autograd
+from fwdecomp.checks import differentiable_positions, sample_function
+from fwdecomp.interface import get_impl
+
+COLUMNS = [
+    "operator",
+    "size",
+    "primal",
+    "overhead (no tangent)",
+    "JVP forward_ad",
+    "ratio",
+    "JVP func.jvp",
+    "ratio",
+    "1st input only: zero tangents on / off",
+    "double backward",
+    "central FD",
+]
+
+
+def _runs_on_cpu(op: Any) -> bool:
+    keys = ("CPU", "CompositeExplicitAutograd", "CompositeImplicitAutograd")
+    return any(_torch.has_kernel_for_key(op, key) for key in keys)
+
+
+def _variants(op: Any, sample: Any) -> dict[str, Variant]:
+    positions = differentiable_positions(sample)
+    primals = [sample.args[i] for i in positions]
+    gen = torch.Generator().manual_seed(0)
+    tangents = [torch.randn(p.shape, dtype=p.dtype, generator=gen) for p in primals]
+    if sample.prepare is not None:
+        # Applied once, outside the timings (it is linear, e.g. symmetrize): the table
+        # times the operator, not the sample's input preparation.
+        primals, tangents = sample.prepare(primals), sample.prepare(tangents)
+        sample = dataclasses.replace(sample, prepare=None)
+    f = sample_function(op, sample, positions)
+    backend = get_impl()
+
+    def routed(on: bool, zero_tangents: bool = True):
+        def setup() -> None:
+            (autograd.install if on else autograd.uninstall)(op)
+            backend.zero_tangent_max_numel = None if zero_tangents else 0
+
+        return setup
+
+    def primal() -> Any:
+        with torch.no_grad():
+            return f(*primals)
+
+    def jvp_forward_ad() -> Any:
+        with forward_ad.dual_level():
+            outs = f(*[forward_ad.make_dual(p, t) for p, t in zip(primals, tangents)])
+            return [forward_ad.unpack_dual(o).tangent for o in outs]
+
+    def jvp_first_input() -> Any:
+        # A tangent on the first input only (the others plain): where mixed dual/plain
+        # operands reach PyTorch's ZeroTensor path.
+        with forward_ad.dual_level():
+            duals = [forward_ad.make_dual(primals[0], tangents[0]), *primals[1:]]
+            return [forward_ad.unpack_dual(o).tangent for o in f(*duals)]
+
+    def jvp_func() -> Any:
+        return torch.func.jvp(f, tuple(primals), tuple(tangents))
+
+    def double_backward() -> Any:
+        return torch.autograd.functional.jvp(f, tuple(primals), tuple(tangents))
+
+    def finite_differences() -> Any:
+        eps = 1e-3
+        with torch.no_grad():
+            plus = f(*[p + eps * t for p, t in zip(primals, tangents)])
+            minus = f(*[p - eps * t for p, t in zip(primals, tangents)])
+            return [(a - b) / (2 * eps) for a, b in zip(plus, minus)]
+
+    return {
+        "primal": Variant(primal, routed(False)),
+        "primal routed": Variant(primal, routed(True)),
+        "forward_ad": Variant(jvp_forward_ad, routed(True)),
+        "func.jvp": Variant(jvp_func, routed(True)),
+        "1 input, zero tangents": Variant(jvp_first_input, routed(True)),
+        "1 input, no zero tangents": Variant(jvp_first_input, routed(True, zero_tangents=False)),
+        "double backward": Variant(double_backward, routed(False)),
+        "central FD": Variant(finite_differences, routed(False)),
+    }
+
+
+def _cell(value: Any) -> str:
+    text = format_seconds(value)
+    if text.startswith("n/a") and "derivative for" in text:
+        return "n/a (PyTorch: no double backward)"
+    return text
+
+
+def _ratio(value: Any, base: Any) -> str:
+    if isinstance(value, float) and isinstance(base, float) and base > 0:
+        return f"{value / base:.2f}x"
+    return ""
+
+
+def benchmark(sizes: tuple[str, ...], repeats: int, min_batch: float, dtype: torch.dtype, only: str | None) -> list:
+    rows = []
+    fwdecomp.disable()
+    saved_limit = get_impl().zero_tangent_max_numel
+    try:
+        for op in fwdecomp.registry.operators():
+            name = _torch.qualified_name(op)
+            if only and only not in name:
+                continue
+            entry = fwdecomp.registry.lookup(op)
+            if not _runs_on_cpu(op):
+                rows.append({"operator": name, "note": "no CPU kernel (CUDA only): see benchmarks/gpu_attention.py"})
+                continue
+            for size in sizes:
+                sample, how = benchmark_sample(name, entry.samples, size, dtype)
+                if sample is None:
+                    rows.append({"operator": name, "size": size, "note": how})
+                    continue
+                times = measure(_variants(op, sample), repeats=repeats, min_batch_seconds=min_batch)
+                rows.append({"operator": name, "size": size, "shape": sample.note, "how": how, "times": times})
+                autograd.uninstall(op)
+    finally:
+        autograd.uninstall_all()
+        get_impl().zero_tangent_max_numel = saved_limit
+    return rows
+
+
+def render(rows: list) -> str:
+    table = []
+    for row in rows:
+        if "times" not in row:
+            table.append([f"`{row['operator']}`", row.get("size", ""), row["note"]] + [""] * (len(COLUMNS) - 3))
+            continue
+        t = row["times"]
+        overhead = ""
+        if isinstance(t["primal"], float) and isinstance(t["primal routed"], float):
+            delta = t["primal routed"] - t["primal"]
+            overhead = f"{delta * 1e6:+.1f} µs ({100 * delta / t['primal']:+.1f}%)"
+        size = f"{row['size']}: {row['shape']}" + ("" if row["how"] == "size table" else f" ({row['how']})")
+        table.append(
+            [
+                f"`{row['operator']}`",
+                size,
+                format_seconds(t["primal"]),
+                overhead,
+                format_seconds(t["forward_ad"]),
+                _ratio(t["forward_ad"], t["primal"]),
+                format_seconds(t["func.jvp"]),
+                _ratio(t["func.jvp"], t["primal"]),
+                f"{format_seconds(t['1 input, zero tangents'])} / {format_seconds(t['1 input, no zero tangents'])}",
+                _cell(t["double backward"]),
+                format_seconds(t["central FD"]),
+            ]
+        )
+    return markdown_table(COLUMNS, table)
+
+
+def summary(rows: list) -> str:
+    lines = []
+    for size in SIZE_NAMES:
+        timed = [r["times"] for r in rows if r.get("size") == size and "times" in r]
+        ratios = [t["forward_ad"] / t["primal"] for t in timed if isinstance(t["forward_ad"], float)]
+        if ratios:
+            lines.append(
+                f"{size}: median JVP/primal ratio (forward_ad) {statistics.median(ratios):.2f} over {len(ratios)}"
+            )
+        both = [t for t in timed if isinstance(t["double backward"], float) and isinstance(t["forward_ad"], float)]
+        faster = sum(t["forward_ad"] < t["double backward"] for t in both)
+        if both:
+            lines.append(f"{size}: fwdecomp JVP faster than the double-backward trick on {faster} of {len(both)}")
+        saved = [
+            1 - t["1 input, zero tangents"] / t["1 input, no zero tangents"]
+            for t in timed
+            if isinstance(t["1 input, no zero tangents"], float) and isinstance(t["1 input, zero tangents"], float)
+        ]
+        if saved:
+            lines.append(
+                f"{size}: zero tangents save a median {100 * statistics.median(saved):.0f}% of the JVP time "
+                "(tangent on the first input only)"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.ops", description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", default=",".join(SIZE_NAMES), help="comma-separated: small,realistic")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    parser.add_argument("--only", default=None, help="only operators whose name contains this")
+    parser.add_argument("--tiny", action="store_true", help="one round at the small size (smoke test)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: PyTorch's)")
+    parser.add_argument("--json", default=None, help="also write the raw figures here")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sizes = ("small",) if args.tiny else tuple(s for s in args.sizes.split(",") if s)
+    repeats, min_batch = (1, 0.0) if args.tiny else (args.repeats, 0.02)
+    rows = benchmark(sizes, repeats, min_batch, getattr(torch, args.dtype), args.only)
+    print(f"torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} threads, {args.dtype}")
+    print(render(rows))
+    print()
+    print(summary(rows))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump(rows, handle, indent=1, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

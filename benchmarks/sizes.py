@@ -1,0 +1,103 @@
+"""Benchmark sizes per operator: a small and a realistic call of each.
+
+``SIZES`` maps an operator's qualified name to ``make(size, dtype) -> Sample``
+for ``size`` in ``("small", "realistic")``. An operator without an entry is
+benchmarked on its largest registered sample (the one its tests use), and the
+table says so: nothing fwdecomp covers is skipped silently. Add an entry here
+when adding a decomposition.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from fwdecomp.registry import Sample, symmetrize
+
+aten = torch.ops.aten
+
+__all__ = ["SIZES", "SIZE_NAMES", "benchmark_sample"]
+
+SIZE_NAMES = ("small", "realistic")
+
+
+def _randn(*shape: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.randn(shape, dtype=dtype, generator=torch.Generator().manual_seed(sum(shape)))
+
+
+def _cdist(size: str, dtype: torch.dtype) -> Sample:
+    n, d = (5, 3) if size == "small" else (512, 32)
+    return Sample((_randn(n, d, dtype=dtype), _randn(n - 1, d, dtype=dtype), 3.0, None), note=f"{n}x{d}, p=3")
+
+
+def _euclidean(size: str, dtype: torch.dtype) -> Sample:
+    n, d = (30, 3) if size == "small" else (2048, 64)
+    return Sample((_randn(n, d, dtype=dtype), _randn(n - 3, d, dtype=dtype)), note=f"{n}x{d}")
+
+
+def _cdist_backward(size: str, dtype: torch.dtype) -> Sample:
+    x1, x2, p, mode = _cdist(size, dtype).args
+    dist = aten._cdist_forward(x1, x2, p, mode)
+    return Sample((torch.randn_like(dist), x1, x2, p, dist), note=f"{tuple(x1.shape)}, p=3")
+
+
+def _pdist(size: str, dtype: torch.dtype) -> Sample:
+    n, d = (6, 3) if size == "small" else (512, 32)
+    return Sample((_randn(n, d, dtype=dtype), 2.0), note=f"{n}x{d}")
+
+
+def _pdist_backward(size: str, dtype: torch.dtype) -> Sample:
+    x, p = _pdist(size, dtype).args
+    dist = aten._pdist_forward(x, p)
+    return Sample((torch.randn_like(dist), x, p, dist), note=f"{tuple(x.shape)}")
+
+
+def _cholesky(size: str, dtype: torch.dtype) -> Sample:
+    batch, n = (1, 4) if size == "small" else (16, 128)
+    a = _randn(batch, n, n, dtype=dtype)
+    spd = a @ a.mT + n * torch.eye(n, dtype=dtype)
+    return Sample((spd, False), note=f"{batch}x{n}x{n}", prepare=symmetrize)
+
+
+def _attention_shape(size: str) -> tuple[int, int, int, int]:
+    return (1, 2, 16, 8) if size == "small" else (1, 4, 1024, 64)
+
+
+def _attention(size: str, dtype: torch.dtype) -> Sample:
+    b, h, n, d = _attention_shape(size)
+    q, k, v = (_randn(b, h, n, d, dtype=dtype) + i for i in range(3))
+    return Sample((q, k, v, 0.0, True), note=f"{b}x{h}x{n}x{d}, causal")
+
+
+def _attention_backward(size: str, dtype: torch.dtype) -> Sample:
+    q, k, v, dropout_p, causal = _attention(size, dtype).args
+    out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, dropout_p, causal)
+    return Sample((torch.randn_like(out), q, k, v, out, lse, dropout_p, causal), note=_attention(size, dtype).note)
+
+
+SIZES: dict[str, Callable[[str, torch.dtype], Sample]] = {
+    "aten::_cdist_forward": _cdist,
+    "aten::_euclidean_dist": _euclidean,
+    "aten::_cdist_backward": _cdist_backward,
+    "aten::_pdist_forward": _pdist,
+    "aten::_pdist_backward": _pdist_backward,
+    "aten::cholesky": _cholesky,
+    "aten::_scaled_dot_product_flash_attention_for_cpu": _attention,
+    "aten::_scaled_dot_product_flash_attention_for_cpu_backward": _attention_backward,
+}
+
+
+def _numel(sample: Sample) -> int:
+    return sum(a.numel() for a in sample.args if isinstance(a, torch.Tensor))
+
+
+def benchmark_sample(name: str, samples: Callable[[str, torch.dtype], object] | None, size: str, dtype: torch.dtype):
+    """``(sample, how)``: the size-table call, else the largest registered sample (``how`` says which)."""
+    if name in SIZES:
+        return SIZES[name](size, dtype), "size table"
+    registered = list(samples("cpu", dtype)) if samples is not None else []
+    registered = [s for s in registered if all(not isinstance(a, torch.Tensor) or a.numel() for a in s.args)]
+    if not registered:
+        return None, "no size entry and no CPU sample"
+    return max(registered, key=_numel), "no size entry: largest registered sample"

@@ -1,0 +1,68 @@
+"""The benchmark commands run (tiny sizes; no timings are asserted)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+import fwdecomp
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from benchmarks import attention, gpu_attention, ops, sizes  # noqa: E402
+
+
+def test_ops_benchmark_covers_every_registered_operator(capsys):
+    assert ops.main(["--tiny"]) == 0
+    text = capsys.readouterr().out
+    for op in fwdecomp.registry.operators():
+        assert f"`{fwdecomp._torch.qualified_name(op)}`" in text  # listed, even when not timed
+    assert "median JVP/primal ratio" in text
+    assert not fwdecomp.is_enabled()
+
+
+def test_operators_without_size_entry_fall_back_to_their_samples():
+    entry = fwdecomp.registry.lookup(torch.ops.aten.cholesky.default)
+    sample, how = sizes.benchmark_sample("aten::not_in_table", entry.samples, "realistic", torch.float64)
+    assert sample is not None and "no size entry" in how
+    assert sizes.benchmark_sample("aten::not_in_table", None, "small", torch.float64) == (
+        None,
+        "no size entry and no CPU sample",
+    )
+
+
+def test_attention_benchmark_runs(capsys):
+    assert attention.main(["--seqs", "32", "--heads", "2", "--dim", "8", "--tiny", "--no-memory"]) == 0
+    text = capsys.readouterr().out
+    assert "fwdecomp JVP" in text and "lse tangent" in text
+    assert not fwdecomp.is_enabled()
+
+
+def test_attention_memory_is_measured_in_a_fresh_process():
+    extra = attention.measure_memory(128, "fwdecomp JVP", 2, 16, False)
+    assert isinstance(extra, int) and extra >= 0
+
+
+def test_gpu_script_skips_cleanly_without_cuda(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the script would run for real")
+    assert gpu_attention.main(["--out", str(tmp_path)]) == 0
+    assert "no CUDA device" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", list(gpu_attention.OPERATORS))
+def test_gpu_script_checks_run_on_cpu(name):
+    """Its correctness part, on CPU tensors (fwdecomp's routing; no fused kernel to compare with)."""
+    record = gpu_attention.check_operator(name, torch.float64, "cpu", causal=True, seq=24)
+    for key in ("output vs math", "output tangent vs math", "lse tangent vs math"):
+        assert record[key] < 1e-6, record
+    assert record["lse vs math"] < 1e-6  # float32 log-sum-exp, as the CUDA kernels return it
+    text = gpu_attention.render(
+        [record], [{"seq": 1024, "method": "primal", "seconds": 0.001, "peak_extra_bytes": 2**20}], "cpu"
+    )
+    assert name in text and "1024" in text
