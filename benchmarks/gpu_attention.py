@@ -230,6 +230,15 @@ def render(checks: list[dict[str, Any]], times: list[dict[str, Any]], device_nam
     return "\n".join(lines)
 
 
+def _write(out: str, device_name: str, checks: list[dict[str, Any]], times: list[dict[str, Any]]) -> None:
+    with open(os.path.join(out, "gpu_attention.json"), "w", encoding="utf-8") as handle:
+        json.dump(
+            {"device": device_name, "torch": torch.__version__, "checks": checks, "times": times}, handle, indent=1
+        )
+    with open(os.path.join(out, "gpu_attention.md"), "w", encoding="utf-8") as handle:
+        handle.write(render(checks, times, device_name) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "."), help="directory for the JSON and markdown")
@@ -263,18 +272,13 @@ def main(argv: list[str] | None = None) -> int:
                     traceback.print_exc()
     seqs = [1024, 2048, 4096] if args.quick else [int(s) for s in args.seqs.split(",")]
     repeats = 3 if args.quick else args.repeats
-    times = []
+    times: list[dict[str, Any]] = []
+    _write(args.out, device_name, checks, times)  # written after every step: a run cut short keeps its figures
     for seq in seqs:
         times += timing(seq, getattr(torch, args.dtype), args.heads, args.dim, repeats)
+        _write(args.out, device_name, checks, times)
         print(f"seq {seq} done", flush=True)
-    text = render(checks, times, device_name)
-    print(text)
-    with open(os.path.join(args.out, "gpu_attention.json"), "w", encoding="utf-8") as handle:
-        json.dump(
-            {"device": device_name, "torch": torch.__version__, "checks": checks, "times": times}, handle, indent=1
-        )
-    with open(os.path.join(args.out, "gpu_attention.md"), "w", encoding="utf-8") as handle:
-        handle.write(text + "\n")
+    print(render(checks, times, device_name))
     return 0
 
 

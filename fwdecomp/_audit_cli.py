@@ -45,7 +45,6 @@ def _configure(parser: argparse.ArgumentParser) -> None:
         "only the model)",
     )
     group.add_argument("--dtype", choices=sorted(_DTYPES), help="cast the model and its floating-point inputs")
-    group.add_argument("--device", default=None, help="move the model and its inputs, e.g. cuda")
     group.add_argument("--wrt", choices=("inputs", "params", "both"), help="which tensors get tangents")
     group.add_argument("--seed", type=int, default=0, help="seed of the random tangents (default 0)")
     group.add_argument("--no-hvp", action="store_true", help="skip forward-over-reverse (the backward pass, the HVP)")

@@ -55,7 +55,17 @@ def audit_view(
 def _inventory(args: argparse.Namespace) -> int:
     from fwdecomp.inventory import inventory, render_table
 
-    rows = inventory(check=not args.no_check, limit=args.limit)
+    try:
+        rows = inventory(
+            check=not args.no_check,
+            limit=args.limit,
+            device=args.device or "cpu",
+            methods=tuple(args.methods.split(",")),
+            operators=args.operator,
+        )
+    except ValueError as error:
+        print(error, file=sys.stderr)
+        return 2
     if args.format == "json":
         print(json.dumps({"operators": [row.to_json() for row in rows]}, indent=2))
     elif args.format == "markdown":
@@ -71,13 +81,39 @@ def _inventory(args: argparse.Namespace) -> int:
     return 1 if any(row.check == "fail" for row in rows) else 0
 
 
+def _methods(text: str) -> str:
+    from fwdecomp.checks import ALL_METHODS
+
+    unknown = sorted(set(text.split(",")) - set(ALL_METHODS))
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(ALL_METHODS)}"
+        )
+    return text
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m fwdecomp", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     audit = commands.add_parser("audit", help="what works under forward AD, and is it right")
     audit.add_argument("--format", choices=("text", "markdown", "json"), default="text")
     audit.add_argument("--no-check", action="store_true", help="skip the numerical checks")
+    audit.add_argument(
+        "--operator",
+        action="append",
+        metavar="NAME",
+        help="only this operator, e.g. aten::_pdist_forward (repeat for more)",
+    )
     audit.add_argument("--limit", type=int, default=None, help="check at most N samples per operator")
+    audit.add_argument(
+        "--device", default=None, help="device of the checks' samples (with --model: of the model), e.g. cuda"
+    )
+    audit.add_argument(
+        "--methods",
+        default="forward_ad",
+        type=_methods,
+        help="comma-separated JVP methods to check: forward_ad, func.jvp, jacfwd, reverse (default forward_ad)",
+    )
     for view in _VIEWS.values():
         if view.metavar is not None:
             audit.add_argument(f"--{view.name}", metavar=view.metavar, default=None, help=view.help)

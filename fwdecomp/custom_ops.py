@@ -90,6 +90,7 @@ PYTORCH_NAMESPACES: frozenset[str] = frozenset(
         "onnx",
         "onnx_symbolic",
         "pippy",
+        "prepacked",  # XNNPACK's prepacked linear/conv (torch 2.11 builds)
         "prim",
         "prims",
         "profiler",

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -48,31 +48,67 @@ class OperatorRow:
         return asdict(self)
 
 
-def _check(row: OperatorRow, entry: registry.Decomposition, dtype: torch.dtype, limit: int | None) -> None:
+def _check(
+    row: OperatorRow,
+    entry: registry.Decomposition,
+    dtype: torch.dtype,
+    limit: int | None,
+    device: str,
+    methods: tuple[str, ...],
+) -> None:
     if entry.samples is None:
         row.check = "no samples"
         return
     start = time.perf_counter()
     worst = 0.0
-    for index, sample in enumerate(entry.samples("cpu", dtype)):
-        if limit is not None and index >= limit:
-            break
-        report = check_sample(entry.op, sample, methods=("forward_ad",))
-        row.samples += 1
-        worst = max([worst, *report.errors.values()])
-        row.failures += [f"[{sample.note}] {m}: {why}" for m, why in report.failures.items()]
+    try:
+        for index, sample in enumerate(entry.samples(device, dtype)):
+            if limit is not None and index >= limit:
+                break
+            report = check_sample(entry.op, sample, methods=methods)
+            row.samples += 1
+            worst = max([worst, *report.errors.values()])
+            row.failures += [f"[{sample.note}] {m}: {why}" for m, why in report.failures.items()]
+    except Exception as error:  # a sample that cannot be built or run on this device: report it, audit the rest
+        first_line = (str(error).splitlines() or [""])[0][:200]
+        row.failures.append(f"[sample {row.samples}] raised {type(error).__name__}: {first_line}")
     row.worst_error = worst
     row.check = "fail" if row.failures else "pass"
-    if row.samples == 0:
-        row.check, row.worst_error = "no CPU samples", None  # CUDA-only kernels: samples run on CUDA
+    if row.samples == 0 and not row.failures:
+        # e.g. CUDA-only kernels audited on CPU: their samples come only for a CUDA device
+        row.check, row.worst_error = f"no {torch.device(device).type.upper()} samples", None
     row.seconds = time.perf_counter() - start
 
 
-def inventory(check: bool = True, limit: int | None = None) -> list[OperatorRow]:
-    """One :class:`OperatorRow` per registered operator, checked numerically if ``check``."""
+def inventory(
+    check: bool = True,
+    limit: int | None = None,
+    device: str = "cpu",
+    methods: tuple[str, ...] = ("forward_ad",),
+    operators: Sequence[str] | None = None,
+) -> list[OperatorRow]:
+    """One :class:`OperatorRow` per registered operator, checked numerically if ``check``.
+
+    The checks run each decomposition's samples for ``device`` in float64 and
+    compare the tangents of every JVP method in ``methods`` (see
+    :data:`fwdecomp.checks.ALL_METHODS`) against central finite differences.
+    ``operators`` (qualified names such as ``"aten::_pdist_forward"``) limits
+    the rows to those operators; a name with no registered decomposition raises
+    ``ValueError``.
+    """
+    selected = registry.operators()
+    if operators is not None:
+        by_name = {qualified_name(op): op for op in selected}
+        unknown = [name for name in operators if name not in by_name]
+        if unknown:
+            raise ValueError(
+                f"fwdecomp audit: no registered decomposition for {', '.join(unknown)}; "
+                "`python -m fwdecomp audit --no-check` lists the operators that have one"
+            )
+        selected = [by_name[name] for name in operators]
     rows = []
     with api.enabled():
-        for op in registry.operators():
+        for op in selected:
             entry = registry.lookup(op)
             formula = native_forward_formula(op)
             row = OperatorRow(
@@ -82,7 +118,7 @@ def inventory(check: bool = True, limit: int | None = None) -> list[OperatorRow]
                 covered=api.needs_override(op),
             )
             if check and entry is not None:
-                _check(row, entry, torch.float64, limit)
+                _check(row, entry, torch.float64, limit, device, methods)
             rows.append(row)
     return rows
 

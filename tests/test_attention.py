@@ -191,6 +191,12 @@ def test_automatic_block_sizes_and_settings():
     assert blocks.choose(4, 4096, 4096) == (128, 1024)
     assert blocks.choose(4, 100, 50) == (100, 50)  # small problems: one block
     assert blocks.choose(4, 4096, 4096, banded=True) == (256, 256)  # causal: square blocks, skipped ones
+    # accelerators: a larger budget (fewer kernel launches), unless one is set
+    assert blocks.choose(4, 4096, 4096, device="cuda") == (4096, 1024)
+    assert blocks.choose(4, 4096, 4096, banded=True, device=torch.device("cuda", 0)) == (1024, 1024)
+    assert blocks.choose(4, 4096, 4096, device="meta") == (128, 1024)
+    with block_sizes(budget=2**19):
+        assert blocks.choose(4, 4096, 4096, device="cuda") == (128, 1024)
     q, k = blocks.choose(512, 8192, 8192)  # many heads: blocks shrink, never below the minimums
     assert k >= blocks.MIN_KEY_BLOCK and q >= blocks.MIN_QUERY_BLOCK
     previous = blocks.set_block_sizes(query=32)

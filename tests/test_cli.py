@@ -47,3 +47,56 @@ def test_module_entry_point():
     )
     assert result.returncode == 0, result.stderr
     assert "aten::cholesky" in result.stdout
+
+
+def test_audit_checks_the_methods_asked_for(monkeypatch, capsys):
+    seen = []
+    import fwdecomp.inventory as inventory_module
+
+    real = inventory_module.check_sample
+
+    def spy(op, sample, methods):
+        seen.append(methods)
+        return real(op, sample, methods=methods)
+
+    monkeypatch.setattr(inventory_module, "check_sample", spy)
+    assert main(["audit", "--limit", "1", "--methods", "forward_ad,reverse", "--device", "cpu"]) == 0
+    assert seen and all(methods == ("forward_ad", "reverse") for methods in seen)
+    assert "0 failing" in capsys.readouterr().out
+
+
+def test_audit_rejects_an_unknown_method(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        main(["audit", "--methods", "forward_ad,sideways"])
+    assert "unknown method(s) sideways" in capsys.readouterr().err
+
+
+def test_audit_reports_a_sample_that_raises_and_goes_on(capsys):
+    def samples(device, dtype):
+        yield fwdecomp.Sample((torch.randn(4, 3, dtype=dtype, device=device), 2.0))
+        raise RuntimeError("this device cannot build the second sample")
+
+    @fwdecomp.register_decomposition("aten::_pdist_forward", replace=True, samples=samples)
+    def pdist(self, p=2.0):
+        return fwdecomp.decompositions.distance.pdist_forward(self, p)
+
+    assert main(["audit"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL aten::_pdist_forward [sample 1] raised RuntimeError: this device cannot build" in out
+    assert "aten::cholesky" in out  # the operators after it were still audited
+
+
+def test_audit_of_chosen_operators(capsys):
+    assert (
+        main(["audit", "--format", "json", "--operator", "aten::cholesky", "--operator", "aten::_pdist_forward"]) == 0
+    )
+    rows = json.loads(capsys.readouterr().out)["operators"]
+    assert [row["name"] for row in rows] == ["aten::cholesky", "aten::_pdist_forward"]
+    assert all(row["check"] == "pass" for row in rows)
+
+
+def test_audit_of_an_operator_without_decomposition(capsys):
+    assert main(["audit", "--operator", "aten::add.Tensor", "--no-check"]) == 2
+    assert "no registered decomposition for aten::add.Tensor" in capsys.readouterr().err

@@ -149,7 +149,13 @@ def test_grid_sampler_backward_at_borders_follows_double_backward(enabled, mode,
         )
 
     forward = _forward_jvp(f, (grad, image, grid), tangents)
-    torch.testing.assert_close(forward, _reverse_jvp(f, (grad, image, grid), tangents), rtol=1e-9, atol=1e-9)
+    try:
+        reverse = _reverse_jvp(f, (grad, image, grid), tangents)
+    except RuntimeError as error:
+        if "derivative for aten::grid_sampler_2d_backward is not implemented" not in str(error):
+            raise
+        pytest.skip(f"torch {torch.__version__} has no double backward of grid_sampler_2d to compare with")
+    torch.testing.assert_close(forward, reverse, rtol=1e-9, atol=1e-9)
 
 
 def test_grid_sampler_backward_output_mask_leaves_input_gradient_undefined(enabled):
@@ -477,7 +483,10 @@ def test_margin_weight_is_not_differentiated(enabled):
     [
         (lambda x: aten.multi_margin_loss(x, torch.tensor([0, 9, 1]), 1, 1.0, None, 1), "target out of range"),
         (lambda x: aten.multi_margin_loss(x, torch.tensor([0, 2, 1]), 3, 1.0, None, 1), "only p == 1 and p == 2"),
-        (lambda x: aten.multi_margin_loss(x, torch.tensor([0, 2]), 1, 1.0, None, 1), "target tensor should be 1-D"),
+        (
+            lambda x: aten.multi_margin_loss(x, torch.tensor([0, 2]), 1, 1.0, None, 1),
+            "target tensor should be 1-D|inconsistent target size",  # torch >= 2.12 | torch 2.11
+        ),
         (lambda x: aten.multi_margin_loss(x, torch.tensor([0, 2, 1]), 1, 1.0, x[0, :3], 1), "inconsistent weight"),
         (lambda x: aten.multilabel_margin_loss_forward(x, torch.tensor([0, 2]), 1)[0], "inconsistent target size"),
     ],

@@ -4,7 +4,9 @@ The kernel walks the ``L x S`` score matrix of every head in blocks of
 ``query`` rows by ``key`` columns; one block of scores (and of its tangent)
 for all heads at once is the largest thing it holds. By default the blocks
 are sized so that one block holds at most ``budget`` elements over all
-heads (``2**19``: 2 MiB in float32): ``key`` is the key length up to 1024,
+heads (by default ``2**19``, 2 MiB in float32, on CPU, where blocks that stay
+in cache are fastest, and ``2**24``, 64 MiB, on GPUs and other accelerators,
+where fewer, larger blocks save kernel launches): ``key`` is the key length up to 1024,
 ``query`` fills the rest of the budget (at least 16 rows); causal and windowed
 attention use square blocks (so that blocks outside the band are skipped). Peak extra memory
 is then a few blocks plus a few tensors of the inputs' size: O(N·d), not
@@ -24,6 +26,8 @@ Example:
     (64, 1024)
     >>> blocks.choose(batch_heads=4, query_len=4096, key_len=4096, banded=True)  # causal: skip hidden blocks
     (256, 256)
+    >>> blocks.choose(batch_heads=4, query_len=4096, key_len=4096, device="cuda")  # larger blocks on a GPU
+    (4096, 1024)
 """
 
 from __future__ import annotations
@@ -34,9 +38,12 @@ import threading
 from dataclasses import dataclass, replace
 from typing import Iterator
 
-__all__ = ["BlockConfig", "block_sizes", "choose", "get_config", "set_block_sizes"]
+import torch
 
-DEFAULT_BUDGET = 2**19
+__all__ = ["BlockConfig", "block_sizes", "choose", "default_budget", "get_config", "set_block_sizes"]
+
+DEFAULT_BUDGET = 2**19  # CPU
+ACCELERATOR_BUDGET = 2**24  # CUDA and other accelerators
 MAX_KEY_BLOCK = 1024
 MIN_QUERY_BLOCK = 16
 MIN_KEY_BLOCK = 128
@@ -44,11 +51,11 @@ MIN_KEY_BLOCK = 128
 
 @dataclass(frozen=True)
 class BlockConfig:
-    """``query`` / ``key``: fixed block sizes (``None``: automatic); ``budget``: score elements per block."""
+    """``query`` / ``key``: fixed block sizes; ``budget``: score elements per block (``None``: automatic)."""
 
     query: int | None = None
     key: int | None = None
-    budget: int = DEFAULT_BUDGET
+    budget: int | None = None
 
 
 class _State(threading.local):
@@ -76,7 +83,7 @@ def set_block_sizes(query: int | None = None, key: int | None = None, budget: in
     global _global
     _validate(query, key, budget)
     previous = _global
-    _global = BlockConfig(query, key, DEFAULT_BUDGET if budget is None else budget)
+    _global = BlockConfig(query, key, budget)
     _state.config = _global
     return previous
 
@@ -99,27 +106,39 @@ def block_sizes(query: int | None = None, key: int | None = None, budget: int | 
         _state.config = previous
 
 
+def default_budget(device: torch.device | str | None = None) -> int:
+    """Score elements per block when none is set: :data:`DEFAULT_BUDGET` on CPU, else :data:`ACCELERATOR_BUDGET`."""
+    kind = "cpu" if device is None else torch.device(device).type
+    return DEFAULT_BUDGET if kind in ("cpu", "meta") else ACCELERATOR_BUDGET
+
+
 def choose(
-    batch_heads: int, query_len: int, key_len: int, config: BlockConfig | None = None, banded: bool = False
+    batch_heads: int,
+    query_len: int,
+    key_len: int,
+    config: BlockConfig | None = None,
+    banded: bool = False,
+    device: torch.device | str | None = None,
 ) -> tuple[int, int]:
-    """``(query_block, key_block)`` for ``batch_heads`` heads of ``query_len x key_len`` scores.
+    """``(query_block, key_block)`` for ``batch_heads`` heads of ``query_len x key_len`` scores on ``device``.
 
     ``banded`` (causal or windowed attention): square blocks holding half the
     budget, so that whole blocks outside the band are skipped.
     """
     config = get_config() if config is None else config
+    budget = config.budget or default_budget(device)
     batch_heads = max(batch_heads, 1)
     if banded and config.query is None and config.key is None:
-        side = math.isqrt(config.budget // (2 * batch_heads))
+        side = math.isqrt(budget // (2 * batch_heads))
         side = max(64, min(MAX_KEY_BLOCK, side - side % MIN_QUERY_BLOCK))
         return max(1, min(side, query_len)), max(1, min(side, key_len))
     key = config.key or min(key_len, MAX_KEY_BLOCK)
-    if config.key is None and batch_heads * MIN_QUERY_BLOCK * key > config.budget:
-        key = max(MIN_KEY_BLOCK, config.budget // (batch_heads * MIN_QUERY_BLOCK))
+    if config.key is None and batch_heads * MIN_QUERY_BLOCK * key > budget:
+        key = max(MIN_KEY_BLOCK, budget // (batch_heads * MIN_QUERY_BLOCK))
     key = max(1, min(key, key_len))
     query = config.query
     if query is None:
-        query = max(MIN_QUERY_BLOCK, config.budget // (batch_heads * key))
+        query = max(MIN_QUERY_BLOCK, budget // (batch_heads * key))
         if query < query_len:
             query = max(MIN_QUERY_BLOCK, query - query % MIN_QUERY_BLOCK)
     return max(1, min(query, query_len)), key

@@ -203,7 +203,7 @@ def attention_jvp(
         low = None if low is None else offset - low
         high = None if high is None else offset + high
     chosen_query, chosen_key = blocks.choose(
-        batch * query_heads, length, key_length, banded=low is not None or high is not None
+        batch * query_heads, length, key_length, banded=low is not None or high is not None, device=query.device
     )
     spec = Spec(
         scale=1.0 / math.sqrt(features) if scale is None else float(scale),

@@ -49,6 +49,7 @@ from torch.autograd import forward_ad
 
 from fwdecomp._torch import dual_level_active, has_kernel_for_key
 from fwdecomp.attention import attention_jvp, blocks, kernel
+from fwdecomp.contract import meta_shapes_unreliable
 from fwdecomp.decompositions import builtin
 from fwdecomp.registry import Sample
 
@@ -183,6 +184,8 @@ def _runs_on(op: torch._ops.OpOverload, device: str) -> bool:
 
 
 def _attention_samples(device: str, dtype: torch.dtype) -> Iterator[Sample]:
+    if not _runs_on(aten._scaled_dot_product_flash_attention_for_cpu.default, device):
+        return  # a CPU kernel: none on CUDA (whose fused kernels have their own samples)
     gen, device = _generator(device, 0)
 
     def randn(*shape: int) -> torch.Tensor:
@@ -236,6 +239,21 @@ def flash_attention_for_cpu(
         scale=scale,
     )
     return _jvp(query, key, value, mask=attn_mask, is_causal=is_causal, scale=scale, dead_lse=_DEAD_LSE_CPU)
+
+
+def _meta_lse_dtype_is_wrong() -> bool:
+    """torch 2.11's meta kernel says a float64 call returns a float32 log-sum-exp; the CPU kernel returns float64."""
+    q = torch.zeros(1, 1, 1, 1, dtype=torch.float64)
+    eager = aten._scaled_dot_product_flash_attention_for_cpu.default(q, q, q)[1].dtype
+    meta = aten._scaled_dot_product_flash_attention_for_cpu.default(*(q.to("meta"),) * 3)[1].dtype
+    return eager != meta
+
+
+if _meta_lse_dtype_is_wrong():
+    meta_shapes_unreliable(
+        aten._scaled_dot_product_flash_attention_for_cpu.default,
+        "on this torch the meta kernel gives a float32 logsumexp for float64 inputs, the CPU kernel float64",
+    )
 
 
 def _attention_backward_samples(device: str, dtype: torch.dtype) -> Iterator[Sample]:
@@ -305,7 +323,9 @@ def _attention_vjp(
     if mask is not None:
         m = canonical_mask(mask if mask.dtype == torch.bool else mask.to(dtype), query_heads, kv_heads)
     offset = 0 if causal_from == "top_left" else key_length - length
-    block_query, block_key = blocks.choose(batch * query_heads, length, key_length, banded=is_causal)
+    block_query, block_key = blocks.choose(
+        batch * query_heads, length, key_length, banded=is_causal, device=query.device
+    )
     spec = kernel.Spec(
         scale=1.0 / math.sqrt(features) if scale is None else float(scale),
         band=(None, offset if is_causal else None),
@@ -351,9 +371,20 @@ def _attention_vjp(
 # which is how the tests exercise them without a GPU.
 
 
-def _cuda_samples(op: torch._ops.OpOverload, layout: str, kind: str) -> Any:
+_HALF = (torch.float16, torch.bfloat16)  # what the flash and cuDNN kernels take
+_SINGLE_OR_HALF = (torch.float32, torch.float16, torch.bfloat16)  # what the memory-efficient kernels take
+
+
+def _cuda_samples(op: torch._ops.OpOverload, layout: str, kind: str, kernel_dtypes: tuple[torch.dtype, ...]) -> Any:
+    """Samples on devices where ``op`` has a kernel, in the dtypes that kernel takes.
+
+    The checks call the kernel itself (finite differences, reverse mode), so a
+    dtype it refuses (float64 on CUDA) has no samples: ``benchmarks/gpu_attention.py``
+    checks those kernels' JVP in float64 against the math backend instead.
+    """
+
     def samples(device: str, dtype: torch.dtype) -> Iterator[Sample]:
-        if not _runs_on(op, device):
+        if not _runs_on(op, device) or (torch.device(device).type != "meta" and dtype not in kernel_dtypes):
             return
         gen, device = _generator(device, 0)
 
@@ -420,8 +451,8 @@ def _padded_lse(lse: torch.Tensor, compute: bool) -> torch.Tensor:
 
 @builtin(
     aten._scaled_dot_product_flash_attention.default,
-    samples=_cuda_samples(aten._scaled_dot_product_flash_attention.default, "BHLd", "sdpa_flash"),
-    dtypes=(torch.float16, torch.bfloat16),
+    samples=_cuda_samples(aten._scaled_dot_product_flash_attention.default, "BHLd", "sdpa_flash", _HALF),
+    dtypes=_HALF,
 )
 @_explicit_tangents
 def flash_attention(
@@ -467,8 +498,10 @@ def flash_attention(
 
 @builtin(
     aten._scaled_dot_product_efficient_attention.default,
-    samples=_cuda_samples(aten._scaled_dot_product_efficient_attention.default, "BHLd", "sdpa_efficient"),
-    dtypes=(torch.float32, torch.float16, torch.bfloat16),
+    samples=_cuda_samples(
+        aten._scaled_dot_product_efficient_attention.default, "BHLd", "sdpa_efficient", _SINGLE_OR_HALF
+    ),
+    dtypes=_SINGLE_OR_HALF,
 )
 @_explicit_tangents
 def efficient_attention(
@@ -511,8 +544,8 @@ def efficient_attention(
 
 @builtin(
     aten._scaled_dot_product_cudnn_attention.default,
-    samples=_cuda_samples(aten._scaled_dot_product_cudnn_attention.default, "BHLd", "sdpa_cudnn"),
-    dtypes=(torch.float16, torch.bfloat16),
+    samples=_cuda_samples(aten._scaled_dot_product_cudnn_attention.default, "BHLd", "sdpa_cudnn", _HALF),
+    dtypes=_HALF,
 )
 @_explicit_tangents
 def cudnn_attention(
@@ -573,8 +606,8 @@ def _flash_window(size: int | None) -> int | None:
 
 @builtin(
     aten._flash_attention_forward.default,
-    samples=_cuda_samples(aten._flash_attention_forward.default, "BLHd", "flash_forward"),
-    dtypes=(torch.float16, torch.bfloat16),
+    samples=_cuda_samples(aten._flash_attention_forward.default, "BLHd", "flash_forward", _HALF),
+    dtypes=_HALF,
 )
 @_explicit_tangents
 def flash_attention_forward(
@@ -638,8 +671,8 @@ def flash_attention_forward(
 
 @builtin(
     aten._efficient_attention_forward.default,
-    samples=_cuda_samples(aten._efficient_attention_forward.default, "BLHd", "efficient_forward"),
-    dtypes=(torch.float32, torch.float16, torch.bfloat16),
+    samples=_cuda_samples(aten._efficient_attention_forward.default, "BLHd", "efficient_forward", _SINGLE_OR_HALF),
+    dtypes=_SINGLE_OR_HALF,
 )
 @_explicit_tangents
 def efficient_attention_forward(

@@ -93,6 +93,11 @@ def _offset2bag(indices: torch.Tensor, offsets: torch.Tensor, computed: torch.Te
     return starts.cumsum(0, dtype=offsets.dtype)[:-1]
 
 
+def _chosen_maxima(bag_size: torch.Tensor, max_indices: torch.Tensor, num_bags: int) -> torch.Tensor:
+    """Where ``max_indices`` names a row: not in empty bags (CPU: any value there; CUDA: -1)."""
+    return (bag_size[:num_bags] > 0).unsqueeze(1) & (max_indices >= 0)
+
+
 def _bag_reduce(
     weight: torch.Tensor,
     indices: torch.Tensor,
@@ -143,12 +148,13 @@ def _embedding_bag(
     )
     num_bags = primal.shape[0]
     if mode == MAX:
-        nonempty = (bag_size > 0).unsqueeze(1)
-        out = torch.where(nonempty, weight.gather(0, max_indices.to(torch.int64)), 0)
+        chosen = _chosen_maxima(bag_size, max_indices, num_bags)
+        out = torch.where(chosen, weight.gather(0, torch.where(chosen, max_indices.to(torch.int64), 0)), 0)
     else:
         indices, offsets = _promote(indices, offsets)
         bags = _offset2bag(indices, offsets[:num_bags], offset2bag)
-        out = _bag_reduce(weight, indices, bags, num_bags, mode, per_sample_weights, padding_idx, bag_size)
+        sizes = bag_size[:num_bags]  # CUDA's bag_size keeps an entry for include_last_offset's last offset
+        out = _bag_reduce(weight, indices, bags, num_bags, mode, per_sample_weights, padding_idx, sizes)
     return out.to(primal.dtype), offset2bag, bag_size, max_indices
 
 
@@ -274,9 +280,9 @@ def _dense_backward(
     padding_idx: int,
 ) -> torch.Tensor:
     if mode == MAX:
-        nonempty = bag_size != 0
-        index = maximum_indices[nonempty].to(torch.int64)
-        return grad.new_zeros(num_weights, grad.shape[1]).scatter_add(0, index, grad[nonempty])
+        chosen = _chosen_maxima(bag_size, maximum_indices, grad.shape[0])
+        index = torch.where(chosen, maximum_indices.to(torch.int64), 0)
+        return grad.new_zeros(num_weights, grad.shape[1]).scatter_add(0, index, torch.where(chosen, grad, 0))
     indices, bags = indices.to(torch.int64), offset2bag.to(torch.int64)
     scale = None
     if scale_grad_by_freq:
@@ -411,6 +417,8 @@ def _per_sample_weights_backward_samples(device: str, dtype: torch.dtype) -> Ite
         out, offset2bag = results[:2]
         grad = torch.randn(out.shape, dtype=dtype, device=device, generator=gen)
         yield Sample((grad, weight, indices, offsets, offset2bag, mode, padding_idx), note=sample.note)
+    if torch.device(device).type != "cpu":
+        return  # the empty offset2bag of the CPU kernel's fast path; CUDA's kernel reads it unchecked
     weight = torch.randn(10, 3, dtype=dtype, device=device, generator=gen)
     indices = torch.tensor([1, 2, 4, 5, 4, 3, 2, 9], dtype=torch.int64, device=device)
     offsets = torch.tensor([0, 4, 4], dtype=torch.int64, device=device)

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The one prepared run for a machine with a CUDA GPU (see README, "On a GPU").
+#
+#   bash benchmarks/gpu.sh            # figures land in $OUT (default ./gpu-out)
+#
+# 1. benchmarks/gpu_audit.py: `fwdecomp audit --device cuda` for every registered
+#    decomposition (one process each): its samples on CUDA tensors, through the
+#    AutogradCUDA kernels, checked against central finite differences with
+#    forward AD, torch.func.jvp and reverse mode.
+# 2. benchmarks/gpu_attention.py: the fused CUDA attention operators' JVP
+#    against the math backend, then time and memory at seq 1024..16384.
+# Each step has its own time limit and writes its files as it goes.
+set -u
+OUT=${OUT:-gpu-out}
+PYTHON=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+mkdir -p "$OUT"
+{ nvidia-smi -L; "$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; } | tee "$OUT/device.txt"
+timeout "${AUDIT_SECONDS:-200}" "$PYTHON" benchmarks/gpu_audit.py --out "$OUT" 2>&1 | tee "$OUT/gpu_audit.log"
+echo "audit exit status ${PIPESTATUS[0]}"
+timeout "${ATTENTION_SECONDS:-300}" "$PYTHON" benchmarks/gpu_attention.py --out "$OUT" "$@" 2>&1 | tee "$OUT/gpu_attention.log"
+echo "attention exit status ${PIPESTATUS[0]}"
