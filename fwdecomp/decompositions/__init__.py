@@ -3,9 +3,12 @@
 Importing this package registers every built-in decomposition.
 
 - :mod:`~fwdecomp.decompositions.distance`: ``cdist`` (all routes), ``pdist`` and their backward operators
-- :mod:`~fwdecomp.decompositions.linalg`: ``cholesky``
+- :mod:`~fwdecomp.decompositions.linalg`: ``cholesky``, ``ormqr``
 - :mod:`~fwdecomp.decompositions.attention`: fused attention kernels (float32 attention on CPU)
 - :mod:`~fwdecomp.decompositions.reduce`: ``index_reduce``, ``segment_reduce`` and its backward operator
+- :mod:`~fwdecomp.decompositions.loss`: backward operators of ``huber_loss``, ``soft_margin_loss``, ``mse_loss``
+- :mod:`~fwdecomp.decompositions.activation`: ``hardsigmoid_backward``
+- :mod:`~fwdecomp.decompositions.dropout`: ``native_dropout_backward`` (``native_dropout`` is native)
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ from fwdecomp.registry import register_decomposition
 #: Register one of fwdecomp's own decompositions (``restore_builtin`` can bring it back).
 builtin = functools.partial(register_decomposition, _builtin=True)
 
-from fwdecomp.decompositions import attention, distance, linalg  # noqa: E402
-from fwdecomp.decompositions import reduce  # noqa: E402
+from fwdecomp.decompositions import activation, attention, distance, dropout, linalg, loss, reduce  # noqa: E402
 
-__all__ = ["attention", "builtin", "distance", "linalg", "reduce"]
+__all__ = ["activation", "attention", "builtin", "distance", "dropout", "linalg", "loss", "reduce"]

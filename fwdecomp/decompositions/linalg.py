@@ -78,7 +78,8 @@ def _ormqr_samples(device: str, dtype: torch.dtype) -> Iterator[Sample]:
     ):
         reflectors, tau = torch.geqrf(randn(rows, cols))
         other = randn(rows, 2) if left else randn(2, rows)
-        yield Sample((reflectors, tau, other, left, transpose), note=f"{rows}x{cols}, left={left}, transpose={transpose}")
+        note = f"{rows}x{cols}, left={left}, transpose={transpose}"
+        yield Sample((reflectors, tau, other, left, transpose), note=note)
     reflectors, tau = torch.geqrf(randn(2, 3, 4, 3))
     yield Sample((reflectors, tau, randn(2, 3, 4, 2), True, True), note="batched")
     reflectors, tau = torch.geqrf(randn(3, 5).mT)

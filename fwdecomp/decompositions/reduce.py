@@ -194,9 +194,7 @@ def _index_reduce_samples(device: str, dtype: torch.dtype) -> Iterator[Sample]:
             kw = {"include_self": include_self}
             note = f"{reduce}, include_self={include_self}"
             yield Sample((randn(5, 4), 1, index(0, 3, 0, 1, 0), randn(5, 5), reduce), kw, note=f"{note}, repeats")
-            yield Sample(
-                (randn(2, 3, 4), -1, index(3, 3), randn(2, 3, 2), reduce), kw, note=f"{note}, batched, dim=-1"
-            )
+            yield Sample((randn(2, 3, 4), -1, index(3, 3), randn(2, 3, 2), reduce), kw, note=f"{note}, batched, dim=-1")
         kw = {"include_self": True}
         yield Sample((randn(6), 0, index(2, 5, 2), randn(3), reduce), kw, note=f"{reduce}, 1-d")
         yield Sample((randn(), 0, index(0), randn(), reduce), kw, note=f"{reduce}, 0-d")
@@ -270,7 +268,7 @@ def _segment_sum(values3: torch.Tensor, ids: torch.Tensor, count: int) -> torch.
 
 def _gather_segments(per_segment: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """(B, S, I) per segment -> (B, D, I) per position (0 where a position is in no segment)."""
-    outer, count, inner = per_segment.shape
+    outer, _, inner = per_segment.shape
     padded = torch.cat([per_segment, per_segment.new_zeros((outer, 1, inner))], 1)
     return padded.gather(1, ids.unsqueeze(-1).expand(outer, ids.shape[1], inner))
 
