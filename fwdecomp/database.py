@@ -301,12 +301,16 @@ def _first_failure(calls: list[tuple[Callable[..., Any], list[torch.Tensor]]], m
 
 
 def probe_entry(
-    info: Any, limit: int | None = None, modes: Sequence[str] = MODES, with_fwdecomp: bool = True
+    info: Any,
+    limit: int | None = None,
+    modes: Sequence[str] = MODES,
+    with_fwdecomp: bool = True,
+    native_limit: int | None | str = "same",
 ) -> EntryReport:
-    """Probe one entry on ``limit`` samples (all if ``None``), in its first dtype of
-    :func:`entry_dtypes` (float64 where supported): without fwdecomp and, if ``with_fwdecomp``,
-    with it (whether or not it works without: fwdecomp must not break what works natively).
-    Leaves fwdecomp disabled."""
+    """Probe one entry on its first ``limit`` samples (all if ``None``), in its first dtype of
+    :func:`entry_dtypes` (float64 where supported): without fwdecomp (on ``native_limit``
+    samples, by default as many) and, if ``with_fwdecomp``, with it (whether or not it works
+    without: fwdecomp must not break what works natively). Leaves fwdecomp disabled."""
     start = time.perf_counter()
     dtypes = entry_dtypes(info)
     report = EntryReport(entry_name(info), str(dtypes[0]).removeprefix("torch.") if dtypes else "", 0)
@@ -315,13 +319,17 @@ def probe_entry(
         return report
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # samples exercise deprecated operators on purpose
-        calls = [sample_function(info, s) for s in samples(info, dtypes[0], limit)]
-        calls = [(f, inputs) for f, inputs in calls if inputs]
-        report.samples = len(calls)
+        wide = limit if native_limit == "same" else native_limit
+        if wide is not None and limit is not None:
+            wide = max(wide, limit)
+        every = [sample_function(info, s) for s in samples(info, dtypes[0], wide, spread=False)]
+        every = [(f, inputs) for f, inputs in every if inputs]
+        calls = every if limit is None else every[:limit]
+        report.samples = len(every)
         try:
             for mode in modes:
                 api.disable()
-                report.native[mode] = _first_failure(calls, mode)
+                report.native[mode] = _first_failure(every, mode)
                 if with_fwdecomp:
                     api.enable()
                     report.fwdecomp[mode] = _first_failure(calls, mode)
@@ -412,7 +420,7 @@ def _configure(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=0,
         metavar="N",
-        help="with --database: probe N samples per entry, spread over all of them (0: every sample)",
+        help="with --database: probe the first N samples of each entry (0: every sample)",
     )
     parser.add_argument(
         "--entries", default=None, metavar="A,B", help="with --database: only these OpInfo entries (names)"

@@ -108,6 +108,7 @@ def ormqr(
     value = aten.ormqr(self.detach(), input2.detach(), input3.detach(), left, transpose)
     q = _full_q(self, input2)
     if transpose:
-        q = q.mH
+        # Not .mH: a lazy conjugate view breaks batched forward AD (torch 2.13, INTERNAL ASSERT).
+        q = q.mT.conj_physical() if q.is_complex() else q.mT
     product = q @ input3 if left else input3 @ q
     return value + (product - product.detach())
