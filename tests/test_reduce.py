@@ -42,31 +42,31 @@ def test_index_reduce_ties_follow_reverse_mode(reduce, include_self):
         torch.testing.assert_close(forward, reverse)
 
 
+@pytest.mark.parametrize("position", [0, 1])
 @pytest.mark.parametrize("include_self", [True, False])
-def test_index_reduce_prod_with_zeros_follows_reverse_mode(include_self):
+def test_index_reduce_prod_with_zeros_follows_reverse_mode(include_self, position):
     self = _t([[0.0, 2.0, 3.0], [1.5, 0.0, -1.0]])
     source = _t([[2.0, 0.0, 0.0, 3.0], [-2.0, 0.0, 4.0, 0.5]])
     index = torch.tensor([0, 1, 1, 2])
-    for position in (0, 1):
 
-        def f(x):
-            args = [self, source]
-            args[position] = x
-            return aten.index_reduce(args[0], 1, index, args[1], "prod", include_self=include_self)
+    def f(x):
+        args = [self, source]
+        args[position] = x
+        return aten.index_reduce(args[0], 1, index, args[1], "prod", include_self=include_self)
 
-        x = (self, source)[position]
-        torch.testing.assert_close(_forward_jacobian(f, x), jacobian(f, x))
+    x = (self, source)[position]
+    torch.testing.assert_close(_forward_jacobian(f, x), jacobian(f, x))
 
 
-def test_index_reduce_value_is_the_kernels_bit_for_bit():
+@pytest.mark.parametrize("reduce", ["prod", "mean", "amax", "amin"])
+def test_index_reduce_value_is_the_kernels_bit_for_bit(reduce):
     gen = torch.Generator().manual_seed(0)
     self, source = torch.randn(4, 6, generator=gen), torch.randn(4, 9, generator=gen)
     index = torch.randint(0, 6, (9,), generator=gen)
-    for reduce in ("prod", "mean", "amax", "amin"):
-        want = aten.index_reduce(self, 1, index, source, reduce)
-        with fwdecomp.enabled():
-            got, _ = torch.func.jvp(lambda s: aten.index_reduce(s, 1, index, source, reduce), (self,), (self,))
-        assert torch.equal(got, want), reduce
+    want = aten.index_reduce(self, 1, index, source, reduce)
+    with fwdecomp.enabled():
+        got, _ = torch.func.jvp(lambda s: aten.index_reduce(s, 1, index, source, reduce), (self,), (self,))
+    assert torch.equal(got, want)
 
 
 def test_index_reduce_keeps_the_kernels_input_checks(enabled):
@@ -124,18 +124,18 @@ def test_segment_reduce_hessian_matches_finite_differences_of_the_gradient(reduc
     torch.testing.assert_close(hessian, torch.stack(columns, 1), atol=1e-6, rtol=1e-6)
 
 
-def test_segment_reduce_backward_value_is_the_kernels_bit_for_bit():
+@pytest.mark.parametrize("reduce", ["sum", "mean", "max", "min", "prod"])
+def test_segment_reduce_backward_value_is_the_kernels_bit_for_bit(reduce):
     gen = torch.Generator().manual_seed(2)
     data = torch.randn(7, 3, dtype=f64, generator=gen)
     lengths = torch.tensor([2, 0, 4, 1])
-    for reduce in ("sum", "mean", "max", "min", "prod"):
-        out = torch.segment_reduce(data, reduce, lengths=lengths, initial=1.0)
-        grad = torch.randn(out.shape, dtype=f64, generator=gen)
-        want = aten._segment_reduce_backward(grad, out, data, reduce, lengths=lengths, initial=1.0)
-        with fwdecomp.enabled():
-            got, _ = torch.func.jvp(
-                lambda g: aten._segment_reduce_backward(g, out, data, reduce, lengths=lengths, initial=1.0),
-                (grad,),
-                (grad,),
-            )
-        assert torch.equal(got, want), reduce
+    out = torch.segment_reduce(data, reduce, lengths=lengths, initial=1.0)
+    grad = torch.randn(out.shape, dtype=f64, generator=gen)
+    want = aten._segment_reduce_backward(grad, out, data, reduce, lengths=lengths, initial=1.0)
+    with fwdecomp.enabled():
+        got, _ = torch.func.jvp(
+            lambda g: aten._segment_reduce_backward(g, out, data, reduce, lengths=lengths, initial=1.0),
+            (grad,),
+            (grad,),
+        )
+    assert torch.equal(got, want)
