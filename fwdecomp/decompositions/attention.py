@@ -8,8 +8,10 @@ log-sum-exp of the scaled, masked scores, from operators that have formulas.
 The backward operator is decomposed too, for forward-over-reverse.
 
 Conventions (those of PyTorch's kernel): ``is_causal`` masks with a top-left
-aligned lower triangle; ``attn_mask`` is additive and, like in PyTorch's
-reverse mode for this kernel, not differentiated; a query row that sees no key
+aligned lower triangle; ``attn_mask`` is additive and differentiated (a mask
+that requires grad makes ``F.scaled_dot_product_attention`` take its math path,
+which differentiates it; a mask carrying a forward tangent reaches this kernel,
+so the decomposition must too); a query row that sees no key
 gives output 0 and log-sum-exp 0; grouped-query attention repeats each key and
 value head for ``Hq / Hkv`` consecutive query heads; reduced-precision inputs are
 computed in float32 and the log-sum-exp stays float32.
@@ -83,7 +85,7 @@ def masked_scores(
         visible = torch.ones(rows, cols, dtype=torch.bool, device=scores.device).tril()
         scores = scores.masked_fill(~visible, float("-inf"))
     if attn_mask is not None:
-        scores = scores + attn_mask.detach().to(scores.dtype)
+        scores = scores + attn_mask.to(scores.dtype)
     return scores
 
 
