@@ -247,16 +247,6 @@ def describe_error(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[0][:240]}"
 
 
-def is_not_implemented(message: str) -> bool:
-    """Whether an error says forward AD (or a derivative) is not implemented."""
-    return (
-        "not implemented" in message
-        or "does not support it" in message
-        or "must implement the jvp" in message
-        or "NotImplementedError" in message
-    )
-
-
 @dataclass
 class EntryReport:
     """One OpInfo entry: per mode, the first error without and with fwdecomp (``None``: passed)."""
