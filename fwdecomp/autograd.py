@@ -35,8 +35,10 @@ Example:
 
 from __future__ import annotations
 
+import collections
 import re
 import threading
+import time
 import warnings
 from typing import Any, Callable
 
@@ -237,6 +239,20 @@ def _make_kernel(op: OpOverload, original: Any) -> Callable[..., Any]:
     return kernel
 
 
+#: Seconds a removed kernel is kept alive. Another thread may have looked the kernel up and be
+#: waiting for the GIL inside it when it is removed (the dispatcher hands out a reference, not
+#: ownership): freeing it then crashes that thread. Holding it a while makes removal safe.
+RETIRE_SECONDS = 30.0
+_retired: collections.deque[tuple[float, list[Any]]] = collections.deque()
+
+
+def _retire(handles: list[Any]) -> None:
+    now = time.monotonic()
+    _retired.append((now, handles))
+    while _retired and now - _retired[0][0] > RETIRE_SECONDS:
+        _retired.popleft()
+
+
 class _Override:
     """The registrations that route one operator: one library, one kernel per key."""
 
@@ -245,6 +261,7 @@ class _Override:
         name = schema_of(op).name.split("::", 1)[1]
         overload = schema_of(op).overload_name
         self.library = _torch.new_library(_torch.namespace(op))
+        self.handles: list[Any] = []  # our kernels, owned here too (see RETIRE_SECONDS)
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*[Oo]verrid.*")
@@ -256,12 +273,14 @@ class _Override:
                         key,
                         with_keyset=True,
                     )
+                    self.handles.append(_torch.original_kernel(op, key))
         except BaseException:
             _torch.destroy_library(self.library)
             raise
 
     def remove(self) -> None:
         _torch.destroy_library(self.library)
+        _retire(self.handles)
 
 
 _lock = threading.RLock()

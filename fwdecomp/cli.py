@@ -126,7 +126,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
-    import fwdecomp  # noqa: F401  (installs the backend and the decomposition library)
+    import fwdecomp  # installs the backend and the decomposition library
+    import fwdecomp.database  # noqa: F401  (registers audit --database)
 
     args = _parser().parse_args(argv)
     if args.command == "audit":

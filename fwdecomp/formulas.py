@@ -13,6 +13,12 @@ decomposition" mechanism; its table is read too.
 This is read from the file, never by calling the operator: an in-place
 operator mutates its input before PyTorch raises "not implemented".
 
+A few native formulas exist but fail on inputs they must accept; they are
+listed in :data:`BROKEN_FORWARD_FORMULAS` with the reason, get the status
+``"broken"``, and are routed like missing ones when fwdecomp has a
+decomposition for them. ``tests/test_formulas.py`` checks that each still
+fails natively, so an entry is removed when PyTorch fixes it.
+
 Example:
     >>> import torch
     >>> from fwdecomp.formulas import native_forward_formula
@@ -35,12 +41,28 @@ from fwdecomp._torch import (
     is_composite_implicit,
     jvp_decomposed_operators,
     namespace,
+    qualified_name,
     schema_of,
 )
 
-__all__ = ["FormulaStatus", "NativeFormula", "native_forward_formula", "derivative_entries"]
+__all__ = [
+    "BROKEN_FORWARD_FORMULAS",
+    "FormulaStatus",
+    "NativeFormula",
+    "derivative_entries",
+    "native_forward_formula",
+]
 
-FormulaStatus = Literal["native", "missing", "unknown"]
+FormulaStatus = Literal["native", "missing", "unknown", "broken"]
+
+#: Native forward formulas that raise on valid input, by qualified operator name, with the reason.
+BROKEN_FORWARD_FORMULAS: dict[str, str] = {
+    "aten::mse_loss_backward": (
+        "its forward formula divides a ZeroTensor in place when reduction='mean' and target (or "
+        "self) carries no tangent: 'ZeroTensors are immutable' (pytorch/pytorch#123996), which "
+        "breaks torch.func.hessian / jvp(grad(f)) of F.mse_loss"
+    ),
+}
 
 _AUTO_FORWARD = ("auto_element_wise", "auto_linear")
 _ENTRY = re.compile(r"^- name: ([A-Za-z0-9_]+)(?:\.([A-Za-z0-9_]+))?\((.*)$")
@@ -145,11 +167,15 @@ def _judge(entry: _Entry, return_names: set[str]) -> NativeFormula:
 def native_forward_formula(op: OpOverload) -> NativeFormula:
     """Whether the running PyTorch has a forward-AD formula for ``op``.
 
-    ``status`` is ``"native"``, ``"missing"`` or ``"unknown"`` (no evidence
-    either way: derivatives.yaml not shipped, or the operator is not in it).
+    ``status`` is ``"native"``, ``"missing"``, ``"broken"`` (listed in
+    :data:`BROKEN_FORWARD_FORMULAS`) or ``"unknown"`` (no evidence either
+    way: derivatives.yaml not shipped, or the operator is not in it).
     Operators outside the ``aten`` namespace never have one (unless they are
     CompositeImplicitAutograd: autograd then sees the operators they call).
     """
+    broken = BROKEN_FORWARD_FORMULAS.get(qualified_name(op))
+    if broken is not None:
+        return NativeFormula("broken", broken)
     if is_composite_implicit(op):
         return NativeFormula("native", "CompositeImplicitAutograd: autograd sees its parts")
     if namespace(op) != "aten":

@@ -17,9 +17,10 @@ blockwise for forward-over-reverse (Hessians).
 Conventions, those of each kernel: ``is_causal`` is aligned to the top-left
 corner for the CPU, efficient and cuDNN kernels and to the bottom-right
 corner for the flash kernels (FlashAttention's rule; ``_efficient_attention_forward``
-chooses with ``custom_mask_type`` 1 or 2); ``attn_mask`` / ``attn_bias`` is
-differentiated where PyTorch's reverse mode differentiates it (the efficient
-kernels) and not elsewhere; grouped-query attention shares each key/value head
+chooses with ``custom_mask_type`` 1 or 2); an additive ``attn_mask`` /
+``attn_bias`` is differentiated (the CPU kernel's too: a mask carrying a
+forward tangent reaches it, since only a mask that requires grad sends
+``F.scaled_dot_product_attention`` to its math path); grouped-query attention shares each key/value head
 among ``Hq / Hkv`` consecutive query heads; reduced precision is computed in
 float32 and the log-sum-exp stays float32. A query that sees no key gets
 output 0 and log-sum-exp 0 on CPU (as the kernel), +inf on CUDA (as
@@ -238,7 +239,19 @@ def flash_attention_for_cpu(
         attn_mask=attn_mask,
         scale=scale,
     )
-    return _jvp(query, key, value, mask=attn_mask, is_causal=is_causal, scale=scale, dead_lse=_DEAD_LSE_CPU)
+    # The mask is differentiated: PyTorch's reverse mode never sees this kernel with a mask that
+    # requires grad (F.scaled_dot_product_attention takes its math path then), but a mask carrying
+    # only a forward tangent does reach it, and a zero tangent would be silently wrong.
+    return _jvp(
+        query,
+        key,
+        value,
+        mask=attn_mask,
+        mask_differentiable=True,
+        is_causal=is_causal,
+        scale=scale,
+        dead_lse=_DEAD_LSE_CPU,
+    )
 
 
 def _meta_lse_dtype_is_wrong() -> bool:

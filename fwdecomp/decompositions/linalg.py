@@ -1,9 +1,17 @@
-"""Linear algebra: ``cholesky``.
+"""Linear algebra: ``cholesky``, ``ormqr``.
 
 ``aten::cholesky`` (deprecated in favour of ``torch.linalg.cholesky``, still
 reached by old code) has no forward formula; ``linalg_cholesky_ex`` has one.
 Both read only the triangle they factor, so the decomposition computes the
 same function.
+
+``aten::ormqr`` multiplies a matrix by the ``Q`` of a QR factorisation given
+as Householder reflectors (what ``torch.geqrf`` returns); it has no forward
+formula. ``linalg_householder_product`` has one and builds the same reflectors,
+so the decomposition forms the full square ``Q`` from them (the reflectors'
+matrix padded with zero columns) and multiplies. Both read only the strictly
+lower part of the first ``len(tau)`` columns, so the derivatives agree
+everywhere, also for complex inputs (``transpose`` means ``Q^H``).
 
 Example:
     >>> import torch, fwdecomp
@@ -25,7 +33,7 @@ from fwdecomp.registry import Sample, symmetrize
 
 aten = torch.ops.aten
 
-__all__ = ["cholesky"]
+__all__ = ["cholesky", "ormqr"]
 
 
 def _spd(*shape: int, dtype: torch.dtype, device: str, gen: torch.Generator) -> torch.Tensor:
@@ -52,3 +60,55 @@ def _cholesky_samples(device: str, dtype: torch.dtype) -> Iterator[Sample]:
 def cholesky(self: torch.Tensor, upper: bool = False) -> torch.Tensor:
     """The Cholesky factor, lower (``A = L L^H``) or upper (``A = U^H U``)."""
     return torch.linalg.cholesky(self, upper=upper)
+
+
+def _ormqr_samples(device: str, dtype: torch.dtype) -> Iterator[Sample]:
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(shape, dtype=dtype, device=device, generator=gen)
+
+    for (rows, cols), left, transpose in (
+        ((5, 3), True, False),
+        ((5, 3), True, True),
+        ((5, 3), False, False),
+        ((5, 3), False, True),
+        ((3, 5), True, False),
+        ((4, 4), False, True),
+    ):
+        reflectors, tau = torch.geqrf(randn(rows, cols))
+        other = randn(rows, 2) if left else randn(2, rows)
+        note = f"{rows}x{cols}, left={left}, transpose={transpose}"
+        yield Sample((reflectors, tau, other, left, transpose), note=note)
+    reflectors, tau = torch.geqrf(randn(2, 3, 4, 3))
+    yield Sample((reflectors, tau, randn(2, 3, 4, 2), True, True), note="batched")
+    reflectors, tau = torch.geqrf(randn(3, 5).mT)
+    yield Sample((reflectors, tau, randn(3, 5).mT, True, False), note="non-contiguous")
+    reflectors, tau = torch.geqrf(randn(0, 4, 2))
+    yield Sample((reflectors, tau, randn(0, 4, 3), True, False), note="empty batch")
+    reflectors, tau = torch.geqrf(randn(4, 0))
+    yield Sample((reflectors, tau, randn(2, 4), False, False), note="no reflectors")
+
+
+def _full_q(reflectors: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """The square ``Q = H_1 ... H_k`` of the ``k = len(tau)`` reflectors stored below the diagonal."""
+    rows, count = reflectors.shape[-2], tau.shape[-1]
+    used = reflectors[..., :, :count]
+    square = torch.cat([used, used.new_zeros((*used.shape[:-1], rows - count))], -1)
+    return torch.linalg.householder_product(square, tau)
+
+
+# Complex inputs work as well; tests/test_linalg.py checks them (jacfwd and jacrev, two of the
+# registry-wide checks, take real inputs only).
+@builtin(aten.ormqr.default, samples=_ormqr_samples)
+def ormqr(
+    self: torch.Tensor, input2: torch.Tensor, input3: torch.Tensor, left: bool = True, transpose: bool = False
+) -> torch.Tensor:
+    """``Q @ C``, ``Q^H @ C``, ``C @ Q`` or ``C @ Q^H`` with ``Q`` given by Householder reflectors."""
+    value = aten.ormqr(self.detach(), input2.detach(), input3.detach(), left, transpose)
+    q = _full_q(self, input2)
+    if transpose:
+        # Not .mH: a lazy conjugate view breaks batched forward AD (torch 2.13, INTERNAL ASSERT).
+        q = q.mT.conj_physical() if q.is_complex() else q.mT
+    product = q @ input3 if left else input3 @ q
+    return value + (product - product.detach())

@@ -1,0 +1,483 @@
+"""Grouped reductions: ``index_reduce`` and ``segment_reduce`` (and its backward operator).
+
+``aten::index_reduce`` (prod, mean, amax, amin; ``include_self`` both ways)
+and ``aten::segment_reduce`` (lengths or offsets; sum, mean, max, min, prod;
+``axis``, ``unsafe``, ``initial``) have no forward formula;
+``aten::_segment_reduce_backward`` has none either, so forward-over-reverse
+(``torch.func.hessian``) needs it decomposed too.
+
+Every decomposition here takes its *value* from PyTorch's own kernel, called
+on detached inputs (so inputs are validated exactly as the kernel validates
+them and the output is bit-for-bit the kernel's), and adds a zero-valued term
+that carries the derivative. Where the derivative is a fixed linear map of the
+inputs (sum, mean, the tie masks of max/min) that term is the map applied to
+``x - x.detach()``; where it is not (prod, and the backward of prod) it is
+``f(x) - f(x).detach()`` for a differentiable ``f``, so second derivatives are
+right too. Everything is vectorised: groups are laid out with ``argsort``,
+``bincount`` and ``searchsorted``; products of groups of different sizes are
+taken over a ones-padded ``(groups, widest group, ...)`` tensor.
+
+Conventions at non-smooth points (PyTorch's reverse mode, so the two agree):
+
+- ``index_reduce`` amax/amin: the derivative is split evenly among every
+  entry equal to the result, ``self`` included in the count whenever it equals
+  the result, even with ``include_self=False`` (where ``self``'s own share is
+  then dropped), as ``index_reduce_backward`` does. ``prod`` has the exact
+  derivative also where entries are zero.
+- ``segment_reduce`` max/min: the derivative is split evenly among the entries
+  of a segment equal to its result; an ``initial`` value that wins has zero
+  derivative. (PyTorch's CPU backward kernel divides a tied cotangent by the
+  number of ties only when the cotangent is positive, which is not linear in
+  the cotangent; forward mode cannot copy that, so it uses the even split.
+  ``_segment_reduce_backward``'s decomposition reproduces the kernel's value,
+  quirk included.)
+
+Example:
+    >>> import torch, fwdecomp
+    >>> x = torch.tensor([1.0, 5.0, 2.0, 7.0], dtype=torch.float64)
+    >>> lengths = torch.tensor([2, 2])
+    >>> with fwdecomp.enabled():
+    ...     out, tangent = torch.func.jvp(
+    ...         lambda d: torch.segment_reduce(d, "max", lengths=lengths), (x,), (torch.ones_like(x),))
+    >>> out
+    tensor([5., 7.], dtype=torch.float64)
+    >>> tangent
+    tensor([1., 1.], dtype=torch.float64)
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from fwdecomp.decompositions import builtin
+from fwdecomp.registry import Sample
+
+aten = torch.ops.aten
+
+__all__ = [
+    "grouped_exclusive_product",
+    "grouped_product",
+    "index_reduce",
+    "segment_reduce",
+    "segment_reduce_backward",
+]
+
+
+# --- groups ------------------------------------------------------------------
+
+
+def _layout(groups: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Sort ``groups`` (stably); each entry's group and rank within it, in that order, and the widest group."""
+    order = torch.argsort(groups, stable=True)
+    sorted_groups = groups[order]
+    counts = torch.bincount(groups, minlength=num_groups)
+    starts = counts.cumsum(0) - counts
+    ranks = torch.arange(groups.numel(), device=groups.device) - starts[sorted_groups]
+    width = int(counts.max()) if groups.numel() else 0
+    return order, sorted_groups, ranks, width
+
+
+def _padded(values: torch.Tensor, groups: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, tuple]:
+    """``values`` (N, ...) laid out as (num_groups, widest group, ...), padded with ones."""
+    order, sorted_groups, ranks, width = _layout(groups, num_groups)
+    padded = values.new_ones((num_groups, width, *values.shape[1:]))
+    padded = padded.index_put((sorted_groups, ranks), values[order])
+    return padded, (order, sorted_groups, ranks)
+
+
+def grouped_product(values: torch.Tensor, groups: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """Product of the rows of ``values`` (N, ...) in each group: (num_groups, ...); 1 for an empty group.
+
+    The derivative is exact, also where entries are zero (``torch.prod``'s).
+    """
+    padded, _ = _padded(values, groups.long(), num_groups)
+    return padded.prod(1)
+
+
+def grouped_exclusive_product(values: torch.Tensor, groups: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """For each row of ``values`` (N, ...), the product of the *other* rows of its group; zero-safe."""
+    padded, (order, sorted_groups, ranks) = _padded(values, groups.long(), num_groups)
+    ones = padded.new_ones((num_groups, 1, *values.shape[1:]))
+    before = torch.cat([ones, padded[:, :-1]], 1).cumprod(1)
+    after = torch.cat([ones, padded.flip(1)[:, :-1]], 1).cumprod(1).flip(1)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return (before * after)[sorted_groups[inverse], ranks[inverse]]
+
+
+def _carrier(x: torch.Tensor) -> torch.Tensor:
+    """Zero in value, ``x``'s tangent in derivative."""
+    return x - x.detach()
+
+
+# --- index_reduce --------------------------------------------------------------
+
+
+def _spread(index: torch.Tensor, like: torch.Tensor, dim: int) -> torch.Tensor:
+    shape = [1] * like.dim()
+    shape[dim] = -1
+    return index.view(shape).expand_as(like)
+
+
+def _index_reduce_prod(self, dim, index, source, include_self):
+    moved_self = self.movedim(dim, 0)
+    moved_source = source.movedim(dim, 0)
+    groups = index.long()
+    product = grouped_product(moved_source, groups, moved_self.shape[0])
+    if include_self:
+        product = moved_self * product
+    else:
+        hit = torch.bincount(groups, minlength=moved_self.shape[0]) > 0
+        hit = hit.view(-1, *([1] * (moved_self.dim() - 1)))
+        product = torch.where(hit, product, moved_self)
+    return product.movedim(0, dim)
+
+
+@builtin(aten.index_reduce.default, samples=lambda device, dtype: _index_reduce_samples(device, dtype))
+def index_reduce(
+    self: torch.Tensor,
+    dim: int,
+    index: torch.Tensor,
+    source: torch.Tensor,
+    reduce: str,
+    *,
+    include_self: bool = True,
+) -> torch.Tensor:
+    """``self`` with the slices of ``source`` reduced into the slices ``index`` names along ``dim``."""
+    value = aten.index_reduce(self.detach(), dim, index, source.detach(), reduce, include_self=include_self)
+    scalar = self.dim() == 0
+    if scalar:  # the kernel treats a 0-d self (and source) as 1-element vectors
+        self, source = self.reshape(1), source.reshape(1)
+    dim = dim % self.dim()
+    if reduce == "prod":
+        ours = _index_reduce_prod(self, dim, index, source, include_self)
+        tangent = ours - ours.detach()
+    else:
+        d_self, d_source = _carrier(self), _carrier(source)
+        if reduce == "mean":
+            counts = torch.ones_like(self.detach()) if include_self else torch.zeros_like(self.detach())
+            if not include_self:
+                unhit = counts.index_fill(dim, index, 1) == 0
+                counts = counts + unhit
+                d_self = d_self.index_fill(dim, index, 0)
+            counts = counts.index_add(dim, index, torch.ones_like(source.detach()))
+            tangent = d_self.index_add(dim, index, d_source) / counts
+        else:  # amax / amin: index_reduce_backward's even split among ties
+            result = value.reshape(self.shape)
+            self_ties = self.detach() == result
+            source_ties = source.detach() == result.index_select(dim, index)
+            ties = self_ties.to(self.dtype).index_add(dim, index, source_ties.to(self.dtype))
+            self_share = torch.where(self_ties, d_self, 0)
+            if not include_self:
+                self_share = self_share.index_fill(dim, index, 0)
+            tangent = self_share.index_add(dim, index, torch.where(source_ties, d_source, 0)) / ties
+    return value + tangent.reshape(value.shape)
+
+
+def _rng(device: str, seed: int = 0) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def _index_reduce_samples(device: str, dtype: torch.dtype) -> Iterator[Sample]:
+    gen = _rng(device)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(shape, dtype=dtype, device=device, generator=gen)
+
+    def index(*values: int) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=device)
+
+    for reduce in ("prod", "mean", "amax", "amin"):
+        for include_self in (True, False):
+            kw = {"include_self": include_self}
+            note = f"{reduce}, include_self={include_self}"
+            yield Sample((randn(5, 4), 1, index(0, 3, 0, 1, 0), randn(5, 5), reduce), kw, note=f"{note}, repeats")
+            yield Sample((randn(2, 3, 4), -1, index(3, 3), randn(2, 3, 2), reduce), kw, note=f"{note}, batched, dim=-1")
+        kw = {"include_self": True}
+        yield Sample((randn(6), 0, index(2, 5, 2), randn(3), reduce), kw, note=f"{reduce}, 1-d")
+        yield Sample((randn(), 0, index(0), randn(), reduce), kw, note=f"{reduce}, 0-d")
+        yield Sample(
+            (randn(4, 3).mT, 0, index(1, 0, 1, 1), randn(4, 4).mT, reduce),
+            {"include_self": False},
+            note=f"{reduce}, non-contiguous",
+        )
+        yield Sample((randn(3, 4), 1, index(), randn(3, 0), reduce), kw, note=f"{reduce}, empty index")
+        yield Sample((randn(0, 4), 1, index(1, 2), randn(0, 2), reduce), kw, note=f"{reduce}, zero rows")
+    # Ties between two entries: the even split is also what central differences see.
+    tied = torch.tensor([[1.0, 4.0, 2.0], [3.0, 0.5, 2.0]], dtype=dtype, device=device)
+    for reduce in ("amax", "amin"):
+        source = torch.tensor([[4.0, 0.0], [5.0, 0.5]], dtype=dtype, device=device)
+        yield Sample((tied, 1, index(1, 0), source, reduce), {"include_self": True}, note=f"{reduce}, two-way ties")
+    # Zeros for prod: one zero (from source / from self), two zeros in a group, a zero alone.
+    zeros_self = torch.tensor([[0.0, 2.0, 3.0], [1.5, 0.0, -1.0]], dtype=dtype, device=device)
+    zeros_source = torch.tensor([[2.0, 0.0, 0.0, 3.0], [-2.0, 0.0, 4.0, 0.5]], dtype=dtype, device=device)
+    for include_self in (True, False):
+        yield Sample(
+            (zeros_self, 1, index(0, 1, 1, 2), zeros_source, "prod"),
+            {"include_self": include_self},
+            note=f"prod with zeros, include_self={include_self}",
+        )
+
+
+# --- segment_reduce -----------------------------------------------------------
+
+
+def _segments(
+    data: torch.Tensor, lengths: torch.Tensor | None, offsets: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int, int]]:
+    """The segment of each position along the reduced axis (``S``, the segment count, where none).
+
+    The axis is the last dimension of ``lengths``/``offsets`` (the kernel checks that it is the
+    ``axis`` argument). Returns ``(segment ids (B, D), segment lengths (B, S), valid (B, D),
+    (B, D, I))`` with ``B`` the product of the dimensions before the axis, ``D`` its size and
+    ``I`` the product of those after it.
+    """
+    bounds = lengths if lengths is not None else offsets
+    axis = bounds.dim() - 1
+    outer = inner = 1
+    for size in data.shape[:axis]:
+        outer *= size
+    for size in data.shape[axis + 1 :]:
+        inner *= size
+    size = data.shape[axis]
+    bounds = bounds.reshape(outer, bounds.shape[-1]).long()
+    if lengths is not None:
+        ends = bounds.cumsum(-1)
+        starts = ends - bounds
+    else:
+        starts, ends = bounds[:, :-1], bounds[:, 1:]
+    count = ends.shape[-1]
+    positions = torch.arange(size, device=data.device).expand(outer, size)
+    ids = torch.searchsorted(ends.contiguous(), positions.contiguous(), right=True)
+    inside = ids < count
+    first = starts.gather(1, ids.clamp_max(max(count - 1, 0))) if count else torch.zeros_like(ids)
+    valid = inside & (positions >= first)
+    ids = torch.where(valid, ids, count)
+    return ids, ends - starts, valid, (outer, size, inner)
+
+
+def _segment_sum(values3: torch.Tensor, ids: torch.Tensor, count: int) -> torch.Tensor:
+    """Sum ``values3`` (B, D, I) over each segment: (B, count, I)."""
+    outer, _, inner = values3.shape
+    total = values3.new_zeros((outer, count + 1, inner))
+    total = total.scatter_add(1, ids.unsqueeze(-1).expand_as(values3), values3)
+    return total[:, :count]
+
+
+def _gather_segments(per_segment: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """(B, S, I) per segment -> (B, D, I) per position (0 where a position is in no segment)."""
+    outer, _, inner = per_segment.shape
+    padded = torch.cat([per_segment, per_segment.new_zeros((outer, 1, inner))], 1)
+    return padded.gather(1, ids.unsqueeze(-1).expand(outer, ids.shape[1], inner))
+
+
+def _segment_products(values3: torch.Tensor, ids: torch.Tensor, count: int, exclusive: bool) -> torch.Tensor:
+    outer, size, inner = values3.shape
+    groups = (ids + torch.arange(outer, device=ids.device).unsqueeze(1) * (count + 1)).reshape(-1)
+    flat = values3.reshape(outer * size, inner)
+    if exclusive:
+        return grouped_exclusive_product(flat, groups, outer * (count + 1)).reshape(outer, size, inner)
+    return grouped_product(flat, groups, outer * (count + 1)).reshape(outer, count + 1, inner)[:, :count]
+
+
+def _initial_value(initial, reduce: str) -> float:
+    if initial is not None:
+        return initial
+    return 1.0 if reduce == "prod" else 0.0
+
+
+@builtin(aten.segment_reduce.default, samples=lambda device, dtype: _segment_reduce_samples(device, dtype))
+def segment_reduce(
+    data: torch.Tensor,
+    reduce: str,
+    *,
+    lengths: torch.Tensor | None = None,
+    indices: torch.Tensor | None = None,
+    offsets: torch.Tensor | None = None,
+    axis: int = 0,
+    unsafe: bool = False,
+    initial=None,
+) -> torch.Tensor:
+    """Reduce each segment of ``data`` along ``axis`` (segments given by ``lengths`` or ``offsets``)."""
+    value = aten.segment_reduce(
+        data.detach(),
+        reduce,
+        lengths=lengths,
+        indices=indices,
+        offsets=offsets,
+        axis=axis,
+        unsafe=unsafe,
+        initial=initial,
+    )
+    ids, seg_lengths, valid, (outer, size, inner) = _segments(data, lengths, offsets)
+    count = seg_lengths.shape[-1]
+    shape3 = (outer, count, inner)
+    if reduce in ("sum", "mean"):
+        tangent = _segment_sum(_carrier(data).reshape(outer, size, inner), ids, count)
+        if reduce == "mean":
+            tangent = tangent / seg_lengths.clamp_min(1).unsqueeze(-1).to(data.dtype)
+    elif reduce in ("max", "min"):
+        data3 = data.reshape(outer, size, inner)
+        result = value.detach().reshape(shape3)
+        ties = (data3.detach() == _gather_segments(result, ids)) & valid.unsqueeze(-1)
+        tied = _segment_sum(ties.to(data.dtype), ids, count).clamp_min(1)
+        tangent = _segment_sum(torch.where(ties, _carrier(data3), 0), ids, count) / tied
+    else:  # prod
+        product = _segment_products(data.reshape(outer, size, inner), ids, count, exclusive=False)
+        product = product * _initial_value(initial, reduce)
+        tangent = product - product.detach()
+    return value + tangent.reshape(value.shape)
+
+
+def _segment_samples(device: str, dtype: torch.dtype):
+    gen = _rng(device, 1)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(shape, dtype=dtype, device=device, generator=gen)
+
+    def long(values) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=device)
+
+    # Empty segments come with an initial value: without one, max/min/mean give -inf/inf/nan there,
+    # which finite differences cannot check (the decomposition's tangent there is 0).
+    for reduce in ("sum", "mean", "max", "min", "prod"):
+        yield (randn(6), reduce, {"lengths": long([2, 3, 1])}, f"{reduce}, lengths")
+        yield (randn(6), reduce, {"lengths": long([2, 0, 3, 1]), "initial": -0.5}, f"{reduce}, an empty segment")
+        yield (
+            randn(6),
+            reduce,
+            {"offsets": long([0, 2, 2, 5, 6]), "initial": 1.5},
+            f"{reduce}, offsets, initial",
+        )
+        yield (randn(5, 3), reduce, {"lengths": long([1, 4]), "axis": 0}, f"{reduce}, 2-d, axis 0")
+        yield (
+            randn(2, 5, 3),
+            reduce,
+            {"lengths": long([[2, 3], [0, 5]]), "axis": 1, "initial": 0.25},
+            f"{reduce}, 3-d, per-row lengths, axis 1",
+        )
+        yield (
+            randn(2, 6),
+            reduce,
+            {"offsets": long([[1, 3, 4], [0, 0, 6]]), "axis": -1, "unsafe": True, "initial": 1.0},
+            f"{reduce}, per-row offsets, axis -1, unsafe",
+        )
+        yield (randn(7), reduce, {"lengths": long([2, 3]), "unsafe": True}, f"{reduce}, unsafe, lengths short")
+        yield (randn(4, 5).mT, reduce, {"lengths": long([3, 2]), "initial": 2.0}, f"{reduce}, non-contiguous")
+    # Ties (two-way: what central differences see) and zeros.
+    tied = torch.tensor([3.0, 1.0, 3.0, -2.0, 0.5, -2.0], dtype=dtype, device=device)
+    for reduce in ("max", "min"):
+        yield (tied, reduce, {"lengths": long([3, 3])}, f"{reduce}, two-way ties")
+    zeros = torch.tensor([0.0, 2.0, -1.0, 0.0, 0.0, 3.0, 0.0], dtype=dtype, device=device)
+    yield (zeros, "prod", {"lengths": long([3, 3, 1]), "initial": 2.0}, "prod with zeros")
+
+
+def _segment_reduce_samples(device: str, dtype: torch.dtype) -> Iterator[Sample]:
+    for data, reduce, kwargs, note in _segment_samples(device, dtype):
+        yield Sample((data, reduce), kwargs, note=note)
+
+
+def _with_output_of(reduce: str, kwargs: dict):
+    """``Sample.prepare``: pass ``segment_reduce(data)`` as ``output``, so the two stay consistent."""
+
+    def prepare(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        grad, _, data = tensors
+        return [grad, aten.segment_reduce(data, reduce, **kwargs), data]
+
+    return prepare
+
+
+def _only_grad_varies(output: torch.Tensor, data: torch.Tensor):
+    """``Sample.prepare``: keep ``output`` and ``data`` fixed (at the precision of the check)."""
+
+    def prepare(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [tensors[0], output.to(tensors[0].dtype), data.to(tensors[0].dtype)]
+
+    return prepare
+
+
+def _segment_reduce_backward_samples(device: str, dtype: torch.dtype) -> Iterator[Sample]:
+    gen = _rng(device, 2)
+    for data, reduce, kwargs, note in _segment_samples(device, dtype):
+        if "ties" in note:
+            continue  # the backward jumps where a tie breaks: covered below with fixed data
+        output = aten.segment_reduce(data, reduce, **kwargs)
+        grad = torch.randn(output.shape, dtype=dtype, device=device, generator=gen)
+        args = (grad, output, data, reduce)
+        backward_kwargs = {k: v for k, v in kwargs.items() if k != "unsafe"}
+        yield Sample(args, backward_kwargs, note=note, tangents=(0, 1, 2), prepare=_with_output_of(reduce, kwargs))
+        if reduce == "prod" and "zeros" not in note:  # smooth in output away from zeros: vary it alone
+            yield Sample(args, backward_kwargs, note=f"{note}, independent output")
+    tied = torch.tensor([3.0, 1.0, 3.0, -2.0, 0.5, -2.0], dtype=dtype, device=device)
+    lengths = torch.tensor([3, 3], device=device)
+    for reduce in ("max", "min"):
+        output = aten.segment_reduce(tied, reduce, lengths=lengths)
+        grad = torch.tensor([1.5, -0.5], dtype=dtype, device=device)
+        yield Sample(
+            (grad, output, tied, reduce),
+            {"lengths": lengths},
+            note=f"{reduce}, ties, cotangents of both signs",
+            tangents=(0, 1, 2),
+            prepare=_only_grad_varies(output, tied),
+        )
+
+
+@builtin(
+    aten._segment_reduce_backward.default,
+    samples=lambda device, dtype: _segment_reduce_backward_samples(device, dtype),
+)
+def segment_reduce_backward(
+    grad: torch.Tensor,
+    output: torch.Tensor,
+    data: torch.Tensor,
+    reduce: str,
+    *,
+    lengths: torch.Tensor | None = None,
+    offsets: torch.Tensor | None = None,
+    axis: int = 0,
+    initial=None,
+) -> torch.Tensor:
+    """The vector-Jacobian product of ``segment_reduce`` with respect to ``data``, as the kernel computes it."""
+    value = aten._segment_reduce_backward(
+        grad.detach(),
+        output.detach(),
+        data.detach(),
+        reduce,
+        lengths=lengths,
+        offsets=offsets,
+        axis=axis,
+        initial=initial,
+    )
+    ids, seg_lengths, valid, (outer, size, inner) = _segments(data, lengths, offsets)
+    count = seg_lengths.shape[-1]
+    shape3 = (outer, count, inner)
+    grad3 = grad.reshape(shape3)
+    valid3 = valid.unsqueeze(-1)
+    if reduce in ("sum", "mean"):
+        scale = grad3 - grad3.detach()
+        if reduce == "mean":
+            scale = scale / seg_lengths.clamp_min(1).unsqueeze(-1).to(grad.dtype)
+        tangent = _gather_segments(scale, ids)
+    elif reduce in ("max", "min"):
+        data3 = data.detach().reshape(outer, size, inner)
+        picked = (data3 == _gather_segments(output.detach().reshape(shape3), ids)) | data3.isnan()
+        picked = picked & valid3
+        ties = _gather_segments(_segment_sum(picked.to(grad.dtype), ids, count), ids)
+        per_position = _gather_segments(grad3, ids)
+        # The kernel divides by the number of ties only where the cotangent is positive.
+        divide = (ties >= 2) & (per_position.detach() > 0)
+        share = torch.where(divide, _carrier(per_position) / ties.clamp_min(1), _carrier(per_position))
+        tangent = torch.where(picked, share, 0)
+    else:  # prod: grad * output / x where x != 0, else grad * (product of the others) * initial
+        data3 = data.reshape(outer, size, inner)
+        per_grad = _gather_segments(grad3, ids)
+        per_output = _gather_segments(output.reshape(shape3), ids)
+        regular = (data3 != 0) & ~data3.isnan()
+        safe = torch.where(regular, data3, 1)
+        others = _segment_products(data3, ids, count, exclusive=True) * _initial_value(initial, reduce)
+        ours = torch.where(regular, per_grad * per_output / safe, per_grad * others)
+        ours = torch.where(valid3, ours, 0)
+        tangent = ours - ours.detach()
+    return value + tangent.reshape(value.shape)
