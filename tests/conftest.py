@@ -25,14 +25,23 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(autouse=True)
 def _isolation():
-    """Every test starts and ends disabled, with the built-in decomposition table."""
+    """Every test starts and ends disabled, with the built-in decomposition table and the same backend."""
     saved = fwdecomp.registry.snapshot()
+    impl = fwdecomp.get_impl()
     torch.manual_seed(0)
     yield
     left_enabled = fwdecomp.is_enabled()
     fwdecomp.disable()
     fwdecomp.registry.restore(saved)
+    fwdecomp.set_impl(impl)
     assert not left_enabled, "the test left fwdecomp enabled"
+
+
+@pytest.fixture(params=["eager", "graph"])
+def backend(request):
+    """The test runs once per decomposition backend (``fwdecomp.use_backend``)."""
+    fwdecomp.use_backend(request.param)
+    return request.param
 
 
 @pytest.fixture

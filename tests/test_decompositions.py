@@ -14,6 +14,8 @@ from torch.autograd.gradcheck import GradcheckError
 import fwdecomp
 from fwdecomp.checks import ALL_METHODS, check_sample, gradcheck_sample
 
+pytestmark = pytest.mark.usefixtures("backend")  # every test once per backend (tests/conftest.py)
+
 
 def _cases():
     for op in fwdecomp.registry.operators():

@@ -17,7 +17,7 @@ from torch.func import grad, hessian, jacfwd, jvp, vmap
 
 import fwdecomp
 
-pytestmark = pytest.mark.usefixtures("enabled")
+pytestmark = pytest.mark.usefixtures("backend", "enabled")
 f64 = torch.float64
 
 
