@@ -6,6 +6,7 @@ upgrade that changes one of them fails loudly there, not deep inside a JVP.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from typing import Any
@@ -137,15 +138,12 @@ def dispatch_modes_active() -> bool:
     return bool(_get_current_dispatch_mode_stack())
 
 
-def autocast_active(device_types: Any) -> bool:
-    """Whether autocast is on for any of these device types (``meta`` and others have no autocast)."""
-    for device_type in device_types:
-        try:
-            if torch.is_autocast_enabled(device_type):
-                return True
-        except RuntimeError:  # a device type without autocast
-            continue
-    return False
+def autocast_disabled(device_types: Any) -> Any:
+    """A context with autocast off for these device types (``meta`` has none)."""
+    stack = contextlib.ExitStack()
+    for device_type in sorted(set(device_types) - {"meta"}):
+        stack.enter_context(torch.autocast(device_type, enabled=False))
+    return stack
 
 
 def storage_key(tensor: torch.Tensor) -> int:

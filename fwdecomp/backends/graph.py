@@ -63,6 +63,9 @@ Design decisions (what is traced, and when the graph is not used):
   the eager decomposition for that signature and remembers why
   (:func:`explain` shows the reason). Errors of the decomposition itself
   (bad input) surface exactly as with the eager backend, which re-runs it.
+- **Autocast** is off while tracing, so no cast is baked into a graph; at
+  run time autocast treats the graph's operators as it treats the eager
+  decomposition's.
 - **Contract checks** (shapes and dtypes against PyTorch's kernel,
   :mod:`fwdecomp.contract`) run once, on the first call of a signature.
 - **Run-time simplifications**: dead code is dropped, and subgraphs that do
@@ -85,6 +88,8 @@ from __future__ import annotations
 import argparse
 import json
 import operator
+import re
+import textwrap
 import threading
 import warnings
 import weakref
@@ -174,8 +179,6 @@ def _signature(op: OpOverload, stack: list[Any], symbolic: bool) -> tuple[Any, l
     leaves: list[torch.Tensor] = []
     carries: list[bool] = []
     parts = tuple(_signature_part(v, leaves, carries, symbolic) for v in stack)
-    if _torch.autocast_active({t.device.type for t in leaves}):
-        raise _Untraceable("autocast")  # a trace would bake its casts in: autocast calls run eagerly
     return (op, torch.get_default_dtype(), parts), leaves, carries
 
 
@@ -367,7 +370,7 @@ def _trace(op: OpOverload, stack: list[Any], leaves: list[torch.Tensor], carries
             results = entry.fn(*args, **kwargs)
         return results_to_stack(schema, results)
 
-    with _TRACE_LOCK, _torch.outside_functorch():
+    with _TRACE_LOCK, _torch.outside_functorch(), _torch.autocast_disabled({t.device.type for t in leaves}):
         module = _torch.make_fx(decomposition, mode)(*_standins(leaves, mode))
         placeholders = [n.meta.get("val") for n in module.graph.nodes if n.op == "placeholder"]
         guards = _torch.shape_guards(placeholders) if mode == "symbolic" else None
@@ -375,6 +378,7 @@ def _trace(op: OpOverload, stack: list[Any], leaves: list[torch.Tensor], carries
         _eliminate_dead_code(module.graph)
         module.graph.lint()
         module.recompile()
+        module.__class__.__name__ = schema.name.split("::", 1)[1]  # the class is the module's own
     return _Traced(
         op,
         _describe_call(op, stack, carries),
@@ -493,23 +497,33 @@ class GraphBackend(DecompositionInterface):
             _, group = self._cache.popitem(last=False)
             self._size -= len(group)
 
+    def _find(self, key: Any, leaves: list[torch.Tensor]) -> _Traced | None:
+        group = self._cache.get(key)
+        if group is not None:
+            for traced in group:
+                if traced.guard is None or traced.guard([_Shape(t) for t in leaves]):
+                    self._cache.move_to_end(key)
+                    return traced
+        return None
+
     def _lookup(self, key: Any, leaves: list[torch.Tensor]) -> _Traced | None:
         with self._lock:
-            group = self._cache.get(key)
-            if group is not None:
-                for traced in group:
-                    if traced.guard is None or traced.guard([_Shape(t) for t in leaves]):
-                        self._cache.move_to_end(key)
-                        self._hits += 1
-                        return traced
-            self._misses += 1
-            return None
+            traced = self._find(key, leaves)
+            if traced is None:
+                self._misses += 1
+            else:
+                self._hits += 1
+            return traced
 
     def _store(self, key: Any, traced: _Traced, generation: int) -> None:
         with self._lock:
             if generation != _generation:
                 return  # the registry changed while tracing: this graph may be stale
-            self._cache.setdefault(key, []).insert(0, traced)
+            group = self._cache.setdefault(key, [])
+            if traced.guard is None:  # serves every call with this key: replaces what is there
+                self._size -= len(group)
+                group.clear()
+            group.insert(0, traced)
             self._cache.move_to_end(key)
             self._size += 1
             self._evict()
@@ -519,21 +533,28 @@ class GraphBackend(DecompositionInterface):
     def _trace(
         self, op: OpOverload, stack: list[Any], key: Any, leaves: list[torch.Tensor], carries: list[bool]
     ) -> _Traced | None:
+        """Trace (once: a thread that waited for the lock finds the other's graph), or run eagerly."""
         generation = _generation
-        try:
-            traced = _trace(op, stack, leaves, carries, self.tracing_mode)
-        except ClosureError as error:
-            refused = _Traced(op, _describe_call(op, stack, carries), "refused", str(error), error=error)
-            self._store(key, refused, generation)
-            raise
-        except Exception as error:  # not capturable: data-dependent, no fake kernel, or bad input
-            call = _describe_call(op, stack, carries)
-            self._eager.run_decomposition(op, stack)  # raises exactly as the eager backend would
-            reason = f"tracing failed, so it runs eagerly: {type(error).__name__}: {str(error).splitlines()[0]}"
-            self._store(key, _Traced(op, call, "eager", reason), generation)
-            return None
-        self._store(key, traced, generation)
-        return traced
+        call = _describe_call(op, stack, carries)
+        with _TRACE_LOCK:
+            with self._lock:
+                traced = self._find(key, leaves)
+            if traced is not None:
+                return traced
+            try:
+                traced = _trace(op, stack, leaves, carries, self.tracing_mode)
+            except ClosureError as error:
+                self._store(key, _Traced(op, call, "refused", str(error), error=error), generation)
+                raise
+            except Exception as error:  # not capturable: data-dependent, no fake kernel, or bad input
+                failure = error
+            else:
+                self._store(key, traced, generation)
+                return traced
+        self._eager.run_decomposition(op, stack)  # raises exactly as the eager backend would
+        reason = f"tracing failed, so it runs eagerly: {type(failure).__name__}: {str(failure).splitlines()[0]}"
+        self._store(key, _Traced(op, call, "eager", reason), generation)
+        return None
 
     def _run(self, traced: _Traced, op: OpOverload, stack: list[Any], leaves: list[torch.Tensor]) -> None:
         if traced.kind == "eager":
@@ -619,19 +640,26 @@ class Explanation:
         if self.graph is None:
             lines.append(f"runs the eager decomposition: {self.reason}")
             return "\n".join(lines)
-        lines.append(f"traced graph: {len(self.operators)} distinct operators, closed under forward AD")
+        count = len(self.operators)
+        lines.append(f"traced graph: {count} operator{'s' * (count != 1)}, closed under forward AD")
         if self.inlined:
             lines.append("inlined decompositions: " + ", ".join(f"{k} (x{v})" for k, v in self.inlined.items()))
         if self.folded:
             lines.append(f"input-independent tensors computed once: {self.folded}")
         if self.guards:
             lines.append(f"valid while: {self.guards}")
-        lines.append("operators: " + ", ".join(f"{name} [{route}]" for name, route in self.operators.items()))
+        routes = ", ".join(f"{name} [{route}]" for name, route in self.operators.items())
+        lines += textwrap.wrap(f"operators: {routes}", width=100, subsequent_indent="    ")
         code = self.graph.print_readable(print_output=False, include_stride=False, include_device=False)
-        lines += [line for line in code.splitlines() if "No stacktrace found" not in line and line.strip()]
+        for line in code.splitlines():
+            if line.strip() and "No stacktrace found" not in line:
+                lines.append(_RELEASES.sub("", line))  # drop the generated `;  x = None` bookkeeping
         return "\n".join(lines)
 
     __repr__ = __str__
+
+
+_RELEASES = re.compile(r";  [\w =,]* = None$")
 
 
 def _operators(module: torch.fx.GraphModule) -> dict[str, str]:
@@ -652,12 +680,22 @@ def explain(op: OperatorLike, *args: Any, **kwargs: Any) -> Explanation:
 
     Example:
         >>> import torch, fwdecomp
-        >>> print(fwdecomp.explain("aten::_pdist_forward", torch.randn(4, 3), 1.0))  # doctest: +ELLIPSIS
+        >>> print(fwdecomp.explain("aten::_pdist_forward", torch.randn(4, 3), 1.0))
         aten::_pdist_forward(self=float32[4, 3] with tangent, p=1.0)
-        traced graph: ... closed under forward AD
-        ...
-        operators: ... aten::abs.default [formula], ...
-        ...
+        traced graph: 4 operators, closed under forward AD
+        input-independent tensors computed once: 2
+        operators: aten::index.Tensor [formula], aten::sub.Tensor [formula], aten::abs [formula],
+            aten::sum.dim_IntList [formula]
+        class _pdist_forward(torch.nn.Module):
+            def forward(self, arg0_1: "f32[4, 3]"):
+                _constant_0: "i64[6]" = self._constant_0
+                _constant_1: "i64[6]" = self._constant_1
+                index: "f32[6, 3]" = torch.ops.aten.index.Tensor(arg0_1, [_constant_0])
+                index_1: "f32[6, 3]" = torch.ops.aten.index.Tensor(arg0_1, [_constant_1])
+                sub: "f32[6, 3]" = torch.ops.aten.sub.Tensor(index, index_1)
+                abs_1: "f32[6, 3]" = torch.ops.aten.abs.default(sub)
+                sum_1: "f32[6]" = torch.ops.aten.sum.dim_IntList(abs_1, [-1])
+                return [sum_1]
     """
     overload = resolve_one(op)
     if registry.lookup(overload) is None:
