@@ -16,11 +16,13 @@ Example:
 
 from __future__ import annotations
 
+import fwdecomp._audit_cli  # noqa: F401  (registers `python -m fwdecomp audit --model MODULE:CALLABLE`)
 from fwdecomp import registry
 from fwdecomp.api import covered_operators, disable, enable, enabled, is_enabled
 from fwdecomp.contract import DecompositionError, SignatureMismatchError
 from fwdecomp.formulas import native_forward_formula
 from fwdecomp.interface import DecompositionInterface, Registerer, get_impl, set_impl
+from fwdecomp.model_audit import AuditReport, audit
 from fwdecomp.overloads import UnknownOperatorError
 from fwdecomp.registry import (
     DuplicateDecompositionError,
@@ -52,6 +54,7 @@ except ImportError:  # pragma: no cover - exercised in a subprocess test
 __version__ = "0.1.0"
 
 __all__ = [
+    "AuditReport",
     "DecompositionError",
     "DecompositionInterface",
     "DuplicateDecompositionError",
@@ -59,6 +62,7 @@ __all__ = [
     "Sample",
     "SignatureMismatchError",
     "UnknownOperatorError",
+    "audit",
     "covered_operators",
     "current_backend",
     "decompositions",

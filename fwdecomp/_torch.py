@@ -197,3 +197,37 @@ def autograd_codegen_path() -> str | None:
         return None
     candidate = os.path.join(os.path.dirname(path), "gen_variable_type.py")
     return candidate if os.path.isfile(candidate) else None
+
+
+# --- used by fwdecomp.model_audit ---------------------------------------------
+
+#: Base class of modes that see every operator call that reaches the ``Python``
+#: dispatch key, just below autograd (imported by ``torch`` itself).
+TorchDispatchMode = torch.utils._python_dispatch.TorchDispatchMode
+
+
+def current_autograd_node() -> Any:
+    """The autograd graph node whose backward is running now, or ``None`` outside a backward pass."""
+    return torch._C._current_autograd_node()
+
+
+def forward_traceback(node: Any) -> list[str] | None:
+    """The Python stack (``traceback.format_stack`` lines) that created ``node``.
+
+    Recorded only while anomaly detection is on (``torch.autograd.set_detect_anomaly``).
+    """
+    if node is None:
+        return None
+    return node.metadata.get("traceback_")
+
+
+def jvp_decomposed_operators() -> frozenset[OpOverload]:
+    """Operators PyTorch itself decomposes for forward AD (its C++ "JIT decomposition" mechanism).
+
+    They have no formula in derivatives.yaml yet support forward AD. The table
+    lives in ``torch._decomp.decompositions_for_jvp`` (``torch.func.jvp``
+    imports it too; about 0.5 s the first time).
+    """
+    from torch._decomp.decompositions_for_jvp import decomposition_table_for_jvp
+
+    return frozenset(op for op in decomposition_table_for_jvp if isinstance(op, OpOverload))

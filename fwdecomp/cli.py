@@ -31,18 +31,22 @@ class AuditView:
     help: str
     run: Callable[[argparse.Namespace], int]
     configure: Callable[[argparse.ArgumentParser], None] | None = None
+    metavar: str | None = None
 
 
 _VIEWS: dict[str, AuditView] = {}
 
 
 def audit_view(
-    name: str, help: str, configure: Callable[[argparse.ArgumentParser], None] | None = None
+    name: str,
+    help: str,
+    configure: Callable[[argparse.ArgumentParser], None] | None = None,
+    metavar: str | None = None,
 ) -> Callable[[Callable[[argparse.Namespace], int]], Callable[[argparse.Namespace], int]]:
-    """Register ``run(args) -> exit code`` as the ``audit --NAME`` view."""
+    """Register ``run(args) -> exit code`` as the ``audit --NAME`` view (``--NAME VALUE`` if ``metavar``)."""
 
     def decorator(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-        _VIEWS[name] = AuditView(name, help, run, configure)
+        _VIEWS[name] = AuditView(name, help, run, configure, metavar)
         return run
 
     return decorator
@@ -54,6 +58,11 @@ def _inventory(args: argparse.Namespace) -> int:
     rows = inventory(check=not args.no_check, limit=args.limit)
     if args.format == "json":
         print(json.dumps({"operators": [row.to_json() for row in rows]}, indent=2))
+    elif args.format == "markdown":
+        print("| operator | native forward AD | fwdecomp | check | samples |\n| --- | --- | --- | --- | --- |")
+        for row in rows:
+            routes = "routes" if row.covered else "steps aside"
+            print(f"| `{row.name}` | {row.native} | {routes} | {row.check} | {row.samples} |")
     else:
         print(render_table(rows))
         covered = sum(row.covered for row in rows)
@@ -66,11 +75,14 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m fwdecomp", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     audit = commands.add_parser("audit", help="what works under forward AD, and is it right")
-    audit.add_argument("--format", choices=("text", "json"), default="text")
+    audit.add_argument("--format", choices=("text", "markdown", "json"), default="text")
     audit.add_argument("--no-check", action="store_true", help="skip the numerical checks")
     audit.add_argument("--limit", type=int, default=None, help="check at most N samples per operator")
     for view in _VIEWS.values():
-        audit.add_argument(f"--{view.name}", action="store_true", help=view.help)
+        if view.metavar is not None:
+            audit.add_argument(f"--{view.name}", metavar=view.metavar, default=None, help=view.help)
+        else:
+            audit.add_argument(f"--{view.name}", action="store_true", help=view.help)
         if view.configure is not None:
             view.configure(audit)
     return parser
@@ -83,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "audit":
         for view in _VIEWS.values():
-            if getattr(args, view.name.replace("-", "_")):
+            if getattr(args, view.name.replace("-", "_")) not in (None, False):
                 return view.run(args)
         return _inventory(args)
     return 2

@@ -52,7 +52,6 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from fwdecomp import _torch, registry
 from fwdecomp._torch import OpOverload, namespace, qualified_name, schema_of
@@ -180,7 +179,7 @@ def _caller() -> str:
     return ""
 
 
-class ClosureMode(TorchDispatchMode):
+class ClosureMode(_torch.TorchDispatchMode):
     """Checks closure while a decomposition is traced, inlining the decompositions of routed operators.
 
     It runs above the tracer's own modes and sees each operator as it is

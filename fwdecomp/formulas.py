@@ -6,7 +6,9 @@ An operator has a native forward formula when its entry defines one for its
 outputs (``result: ...``, or a named output), or when one of its formulas is
 ``auto_element_wise`` / ``auto_linear`` (the code generator derives the
 forward formula from those). Operators that are CompositeImplicitAutograd
-need none: autograd sees the operators they call.
+need none: autograd sees the operators they call. A few more (layer and batch
+norm backward) PyTorch decomposes for forward AD itself, with its C++ "JIT
+decomposition" mechanism; its table is read too.
 
 This is read from the file, never by calling the operator: an in-place
 operator mutates its input before PyTorch raises "not implemented".
@@ -31,6 +33,7 @@ from fwdecomp._torch import (
     OpOverload,
     derivatives_yaml_path,
     is_composite_implicit,
+    jvp_decomposed_operators,
     namespace,
     schema_of,
 )
@@ -99,6 +102,11 @@ def _parse(text: str) -> dict[tuple[str, str], _Entry]:
 
 
 @functools.lru_cache(maxsize=1)
+def _jvp_decomposed() -> frozenset[OpOverload]:
+    return jvp_decomposed_operators()
+
+
+@functools.lru_cache(maxsize=1)
 def derivative_entries() -> dict[tuple[str, str], _Entry] | None:
     """The parsed ``derivatives.yaml`` of the running PyTorch, or ``None`` if not shipped."""
     path = derivatives_yaml_path()
@@ -145,6 +153,8 @@ def native_forward_formula(op: OpOverload) -> NativeFormula:
         return NativeFormula("missing", "custom operators have no forward-AD formula")
     if is_composite_implicit(op):
         return NativeFormula("native", "CompositeImplicitAutograd: autograd sees its parts")
+    if op in _jvp_decomposed():
+        return NativeFormula("native", "PyTorch decomposes it for forward AD itself (JIT decomposition)")
     entries = derivative_entries()
     if entries is None:
         return NativeFormula("unknown", "this PyTorch build ships no derivatives.yaml")

@@ -112,35 +112,36 @@ def test_concurrent_enable_disable_is_consistent():
     fwdecomp.disable()
 
 
-def test_plain_calls_in_threads_while_toggling():
-    """Other threads keep getting PyTorch's results while fwdecomp is switched on and off.
+def test_plain_calls_in_other_threads_while_enabled():
+    """Other threads keep getting PyTorch's results while fwdecomp is enabled.
 
-    (PyTorch's forward-AD levels are process-global, so JVPs themselves cannot
-    run concurrently in threads, with or without fwdecomp.)
+    Not tested, and documented in the README: switching fwdecomp on or off
+    *while* other threads run PyTorch operators. PyTorch frees a deregistered
+    kernel even while another thread is about to execute it (we reproduced a
+    segfault about once in ten runs), so enable()/disable() must not race with
+    dispatch on other threads; they are safe against each other (test above).
+    Likewise, PyTorch's forward-AD levels are process-global, so JVPs
+    themselves cannot run concurrently in threads, with or without fwdecomp.
     """
     x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
     y = torch.randn(4, 3, dtype=torch.float64)
     expected = torch.cdist(x, y, p=1.5)
     expected_grad = torch.autograd.grad(expected.sum(), x)[0]
     failures = []
-    stop = threading.Event()
 
     def worker() -> None:
-        while not stop.is_set():
+        for _ in range(50):
             out = torch.cdist(x, y, p=1.5)
             grad = torch.autograd.grad(out.sum(), x)[0]
             if not (torch.equal(out, expected) and torch.equal(grad, expected_grad)):
                 failures.append("mismatch")
 
-    threads = [threading.Thread(target=worker) for _ in range(3)]
-    for thread in threads:
-        thread.start()
-    for _ in range(30):
-        fwdecomp.enable()
-        fwdecomp.disable()
-    stop.set()
-    for thread in threads:
-        thread.join()
+    with fwdecomp.enabled():
+        threads = [threading.Thread(target=worker) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
     assert not failures
 
 

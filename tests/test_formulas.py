@@ -26,6 +26,7 @@ aten = torch.ops.aten
         (aten._euclidean_dist.default, "missing"),
         (aten._scaled_dot_product_flash_attention_for_cpu.default, "missing"),
         (aten.hardsigmoid_backward.default, "unknown"),  # not in derivatives.yaml
+        (aten.native_layer_norm_backward.default, "native"),  # PyTorch's own JIT decomposition
     ],
 )
 def test_verdicts(op, status):
@@ -54,3 +55,15 @@ def test_routed_operators_really_lack_native_forward_ad(op):
     sample = next(iter(entry.samples("cpu", torch.float64)))
     assert fwdecomp.api.needs_override(op)
     assert _native_forward_ad_raises(op, sample), f"{op} now has native forward AD"
+
+
+def test_pytorch_jit_decomposed_operator_really_has_forward_ad():
+    """native_layer_norm_backward: no formula in derivatives.yaml, yet PyTorch differentiates it forward."""
+    x = torch.randn(3, 4, dtype=torch.float64)
+    w = torch.randn(4, dtype=torch.float64)
+
+    def gradient(z):
+        return torch.func.grad(lambda a: torch.nn.functional.layer_norm(a, (4,), w).pow(3).sum())(z)
+
+    _, tangent = torch.func.jvp(gradient, (x,), (torch.ones_like(x),))
+    assert torch.isfinite(tangent).all()

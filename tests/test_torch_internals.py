@@ -138,3 +138,44 @@ def test_autograd_codegen_is_shipped():
     assert path is not None and path.endswith("gen_variable_type.py")
     with open(path, encoding="utf-8") as handle:
         assert "DONT_REQUIRE_DERIVATIVE = {" in handle.read()
+
+
+def test_dispatch_mode_sees_operators_below_autograd_with_their_grad_flags():
+    seen = []
+
+    class Recorder(_torch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append((func, [a.requires_grad for a in args if isinstance(a, torch.Tensor)]))
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(3, requires_grad=True)
+    with Recorder():
+        torch.cdist(x.reshape(3, 1), torch.ones(2, 1))  # CompositeImplicitAutograd: seen decomposed
+    assert (aten._cdist_forward.default, [True, False]) in seen
+    assert aten.cdist.default not in [func for func, _ in seen]
+
+
+def test_current_autograd_node_and_its_forward_traceback():
+    nodes = []
+
+    class Recorder(_torch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            node = _torch.current_autograd_node()
+            nodes.append((func, node and node.name(), _torch.forward_traceback(node)))
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(4, 2, requires_grad=True)
+    assert _torch.current_autograd_node() is None
+    with torch.autograd.set_detect_anomaly(True, check_nan=False):
+        out = torch.cdist(x, torch.ones(3, 2)).sum()  # the line the traceback must name
+        with Recorder():
+            torch.autograd.grad(out, x)
+    _, name, stack = next(entry for entry in nodes if entry[0] == aten._cdist_backward.default)
+    assert name == "CdistBackward0"
+    assert any(__file__ in line and "torch.cdist(x, torch.ones(3, 2))" in line for line in stack)
+
+
+def test_jvp_decomposed_operators():
+    ops = _torch.jvp_decomposed_operators()
+    assert aten.native_layer_norm_backward.default in ops
+    assert aten._cdist_forward.default not in ops
