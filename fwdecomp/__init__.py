@@ -17,11 +17,13 @@ Example:
 from __future__ import annotations
 
 import fwdecomp._audit_cli  # noqa: F401  (registers `python -m fwdecomp audit --model MODULE:CALLABLE`)
-from fwdecomp import registry
-from fwdecomp.api import covered_operators, disable, enable, enabled, is_enabled
+from fwdecomp import jvp_rules, registry
+from fwdecomp.api import covered_operators, disable, enable, enabled, is_enabled, is_strict
+from fwdecomp.autograd_function import NotForwardDifferentiableError, jvp_from_forward
 from fwdecomp.contract import DecompositionError, SignatureMismatchError
 from fwdecomp.formulas import native_forward_formula
 from fwdecomp.interface import DecompositionInterface, Registerer, get_impl, set_impl
+from fwdecomp.jvp_rules import DuplicateJvpRuleError, register_jvp, unregister_jvp
 from fwdecomp.model_audit import AuditReport, audit
 from fwdecomp.overloads import UnknownOperatorError
 from fwdecomp.registry import (
@@ -58,6 +60,8 @@ __all__ = [
     "DecompositionError",
     "DecompositionInterface",
     "DuplicateDecompositionError",
+    "DuplicateJvpRuleError",
+    "NotForwardDifferentiableError",
     "Registerer",
     "Sample",
     "SignatureMismatchError",
@@ -72,10 +76,15 @@ __all__ = [
     "explain",
     "get_impl",
     "is_enabled",
+    "is_strict",
+    "jvp_from_forward",
+    "jvp_rules",
     "native_forward_formula",
     "register_decomposition",
+    "register_jvp",
     "registry",
     "set_impl",
     "unregister_decomposition",
+    "unregister_jvp",
     "use_backend",
 ]

@@ -231,3 +231,70 @@ def jvp_decomposed_operators() -> frozenset[OpOverload]:
     from torch._decomp.decompositions_for_jvp import decomposition_table_for_jvp
 
     return frozenset(op for op in decomposition_table_for_jvp if isinstance(op, OpOverload))
+
+
+# --- forward-AD internals (JVP rules, jvp_from_forward) ---------------------
+
+
+def primal_of(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` without its tangent at the current level (a view sharing its storage and reverse-mode history)."""
+    return forward_ad.unpack_dual(tensor).primal
+
+
+def forward_grad_enabled(enabled: bool) -> Any:
+    """A context manager that switches forward-mode AD on or off in this thread (private in 2.13)."""
+    return forward_ad._set_fwd_grad_enabled(enabled)
+
+
+def forward_grad_is_enabled() -> bool:
+    """Whether forward-mode AD is switched on in this thread."""
+    return torch._C._is_fwd_grad_enabled()
+
+
+def function_default(name: str) -> Any:
+    """``torch.autograd.Function``'s own ``jvp`` / ``setup_context`` / ..., to tell whether a subclass overrides it."""
+    return getattr(torch.autograd.function._SingleLevelFunction, name)
+
+
+# --- operator-definition entry points (custom operators defined after enable) -
+
+
+def wrap_attribute(owner: Any, name: str, make_wrapper: Any) -> Any:
+    """Replace ``owner.name`` by ``make_wrapper(current)``; return a function that undoes it exactly.
+
+    If ``owner`` defined ``name`` itself, the very same object is put back;
+    if it inherited it, the override is deleted, so lookup inherits again.
+    """
+    own = vars(owner)
+    had_own, original = name in own, own.get(name)
+    setattr(owner, name, make_wrapper(getattr(owner, name)))
+
+    def restore() -> None:
+        if had_own:
+            setattr(owner, name, original)
+        else:
+            delattr(owner, name)
+
+    return restore
+
+
+#: The Python entry points through which operators are defined or given
+#: kernels after import: ``torch.library.custom_op``, ``torch.library.define``,
+#: ``triton_op`` and ``Library(...).define`` all end in ``Library.define``;
+#: every kernel registered from Python ends in ``Library.impl``; C++
+#: libraries are loaded with ``torch.ops.load_library``.
+LIBRARY_CLASS = torch.library.Library
+OPS_CLASS = type(torch.ops)
+
+
+def library_qualname(library: torch.library.Library, op_name: Any) -> str:
+    """``ns::name[.overload]`` of the operator a ``Library.define``/``impl`` call names."""
+    if isinstance(op_name, OpOverload):
+        return qualified_name(op_name)
+    text = str(op_name).split("(", 1)[0]
+    return text if "::" in text else f"{library.ns}::{text}"
+
+
+def library_impl_key(library: torch.library.Library, dispatch_key: str) -> str:
+    """The dispatch key a ``Library.impl`` call registers to (its defaults resolved)."""
+    return dispatch_key or library.dispatch_key or "CompositeImplicitAutograd"

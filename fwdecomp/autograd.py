@@ -11,7 +11,11 @@ decomposition mechanism:
 - some input does: ask :func:`fwdecomp.interface.get_impl` for the backend and
   run the operator's decomposition there as a boxed call, so tangents flow
   through operators that have formulas (and reverse mode, if needed, records
-  the decomposed graph).
+  the decomposed graph). When the backend has none, raise where a tangent
+  would be lost: a call that writes into a floating-point tensor raises before
+  it runs; otherwise PyTorch's kernel runs, and a floating-point result without
+  a tangent raises (integer results need none; an operator whose own autograd
+  kernel differentiates it keeps working).
 
 This module depends on :mod:`fwdecomp.interface` only, never on a backend.
 Uninstalling destroys the registrations, which restores the dispatcher
@@ -31,6 +35,7 @@ Example:
 
 from __future__ import annotations
 
+import re
 import threading
 import warnings
 from typing import Any, Callable
@@ -38,7 +43,7 @@ from typing import Any, Callable
 import torch
 
 from fwdecomp import _torch
-from fwdecomp._torch import OpOverload, qualified_name, schema_of, tangent_of
+from fwdecomp._torch import OpOverload, namespace, primal_of, qualified_name, schema_of, tangent_of
 from fwdecomp.interface import get_impl
 from fwdecomp.stack import arguments_to_stack, stack_to_results
 
@@ -84,14 +89,85 @@ def carries_tangent(values: Any) -> bool:
 
 
 def _not_implemented_message(op: OpOverload) -> str:
-    name = schema_of(op).name.split("::", 1)[1]
+    qualname = qualified_name(op)
+    custom = namespace(op) != "aten"
+    if custom:
+        head = (
+            f"fwdecomp: the custom operator {qualname} was called with forward-AD tangents, but nothing "
+            "defines its forward-mode derivative, so PyTorch alone would silently drop them (None under "
+            "torch.autograd.forward_ad, zeros under torch.func.jvp)."
+        )
+    else:
+        name = schema_of(op).name.split("::", 1)[1]
+        head = f"Trying to use forward AD with {name} that does not support it because it has not been implemented yet."
     return (
-        f"Trying to use forward AD with {name} that does not support it because it has not "
-        f"been implemented yet.\nfwdecomp: the installed backend "
-        f"({type(get_impl()).__name__}) has no decomposition for {qualified_name(op)}. "
-        "Register one with @fwdecomp.register_decomposition"
-        f"({qualified_name(op)!r}) (or, for a custom operator, @fwdecomp.register_jvp)."
+        f"{head}\nfwdecomp: the installed backend ({type(get_impl()).__name__}) has neither a decomposition "
+        f"nor a JVP rule for {qualname}. Register one of them:\n"
+        f"  @fwdecomp.register_decomposition({qualname!r}): {qualname} written with PyTorch operators "
+        "that have forward-AD formulas, or\n"
+        f"  @fwdecomp.register_jvp({qualname!r}): a rule (primals, tangents) -> (outputs, output_tangents)."
+        + ("\nfwdecomp.enable(strict=False) keeps PyTorch's behaviour for custom operators instead." if custom else "")
     )
+
+
+def _differentiable(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.is_floating_point() or value.is_complex()
+    return isinstance(value, (list, tuple)) and any(_differentiable(v) for v in value)
+
+
+def _lost_tangent(value: Any) -> bool:
+    """Whether a floating-point or complex tensor in ``value`` came back without a tangent."""
+    if isinstance(value, torch.Tensor):
+        return _differentiable(value) and tangent_of(value) is None
+    return isinstance(value, (list, tuple)) and any(_lost_tangent(v) for v in value)
+
+
+def _strip(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return primal_of(value)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_strip(v) for v in value)
+    return value
+
+
+#: How PyTorch says an operator (VariableType) or an autograd.Function has no forward-mode formula.
+_FORWARD_AD_MISSING = re.compile(r"forward[ -](mode )?AD")
+
+
+def _without_decomposition(
+    op: OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any], original: Callable[..., Any] | None
+) -> Any:
+    """No decomposition: raise where a tangent would be lost, as ``VariableType`` does.
+
+    A call that writes into a floating-point or complex argument raises before
+    it runs, so nothing is modified. Otherwise PyTorch's kernel runs with the
+    tangents (an operator may differentiate itself: a Python autograd kernel
+    made of PyTorch operations, say); a floating-point or complex result that
+    comes back without a tangent raises. When PyTorch refuses the tangents, the
+    kernel runs on the primals: integer or boolean results need no tangent, so
+    they are returned; others raise.
+    """
+    schema = schema_of(op)
+    stack = arguments_to_stack(schema, args, kwargs)
+    writes = any(
+        a.alias_info is not None and a.alias_info.is_write and _differentiable(value)
+        for a, value in zip(schema.arguments, stack)
+    )
+    if original is None or writes:
+        raise NotImplementedError(_not_implemented_message(op))
+    try:
+        results = original(args, kwargs)
+    except NotImplementedError as error:
+        if not _FORWARD_AD_MISSING.search(str(error)):
+            raise
+        results = original(_strip(args), {k: _strip(v) for k, v in kwargs.items()})
+        if _differentiable(results if isinstance(results, (list, tuple)) else [results]):
+            raise NotImplementedError(_not_implemented_message(op)) from error
+        return results
+    if _lost_tangent(results if isinstance(results, (list, tuple)) else [results]):
+        raise NotImplementedError(_not_implemented_message(op))
+    return results
 
 
 class _Recursion(threading.local):
@@ -102,8 +178,17 @@ class _Recursion(threading.local):
 _recursion = _Recursion()
 
 
-def decompose(op: OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """Run ``op``'s decomposition through the installed backend (boxed), return its results."""
+def decompose(
+    op: OpOverload,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    original: Callable[[tuple[Any, ...], dict[str, Any]], Any] | None = None,
+) -> Any:
+    """Run ``op``'s decomposition through the installed backend (boxed), return its results.
+
+    ``original(args, kwargs)`` calls PyTorch's kernel: used when the backend
+    has no decomposition, to see whether the call loses a tangent.
+    """
     impl = get_impl()
     if impl is None:
         raise NotImplementedError(
@@ -112,7 +197,7 @@ def decompose(op: OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
         )
     schema = schema_of(op)
     if not impl.has_decomposition(schema):
-        raise NotImplementedError(_not_implemented_message(op))
+        return _without_decomposition(op, args, kwargs, original)
     depth = _recursion.active.get(op, 0)
     if depth >= 8:
         raise RecursionError(
@@ -134,7 +219,7 @@ def _make_kernel(op: OpOverload, original: Any) -> Callable[..., Any]:
 
     def kernel(keyset: Any, *args: Any, **kwargs: Any) -> Any:
         if carries_tangent(args) or carries_tangent(kwargs.values()):
-            return decompose(op, args, kwargs)
+            return decompose(op, args, kwargs, lambda a, k: call_original(keyset, *a, **k))
         return call_original(keyset, *args, **kwargs)
 
     kernel.__name__ = f"fwdecomp_{qualified_name(op).replace('::', '_').replace('.', '_')}"

@@ -19,8 +19,11 @@ code generator, ``torchgen/packaged/autograd/gen_variable_type.py``, decides):
   there without error: integer or boolean results, the operators the code
   generator lists as not requiring a derivative (``zeros_like``, ``argmax``,
   ``searchsorted``, ...), ``detach``, operators returning no tensor;
+- ``rule``: no formula, but fwdecomp runs a registered JVP rule
+  (:mod:`fwdecomp.jvp_rules`) for it: it stays in the graph as it is, and
+  the rule runs when the graph calls it;
 - ``decomposition``: no formula, but fwdecomp routes it to a registered
-  decomposition;
+  decomposition, which is inlined (and checked, recursively);
 - ``open``: no formula and no decomposition: PyTorch raises "Trying to use
   forward AD with ... that does not support it", or, for a custom operator,
   the tangent silently comes back wrong.
@@ -53,7 +56,7 @@ from typing import Any, Literal
 
 import torch
 
-from fwdecomp import _torch, registry
+from fwdecomp import _torch, jvp_rules, registry
 from fwdecomp._torch import OpOverload, namespace, qualified_name, schema_of
 from fwdecomp.contract import DecompositionError, check_results
 from fwdecomp.formulas import derivative_entries, native_forward_formula
@@ -61,7 +64,7 @@ from fwdecomp.stack import arguments_to_stack, results_to_stack, stack_to_argume
 
 __all__ = ["ClosureError", "ClosureMode", "Route", "forward_route"]
 
-RouteKind = Literal["formula", "no tangent", "decomposition", "open"]
+RouteKind = Literal["formula", "no tangent", "rule", "decomposition", "open"]
 
 #: Operators autograd differentiates by hand (torch/csrc/autograd/VariableTypeManual.cpp).
 _MANUAL = {"copy_": "formula", "detach": "no tangent", "detach_": "no tangent", "_fw_primal": "no tangent"}
@@ -117,11 +120,14 @@ def _returns_tensor(op: OpOverload) -> bool:
 
 def _native_route(op: OpOverload) -> Route:
     """PyTorch's own behaviour, ignoring fwdecomp."""
-    formula = native_forward_formula(op)
-    if formula.status == "native":
-        return Route("formula", formula.reason)
     if not _returns_tensor(op):
         return Route("no tangent", "it returns no tensor")
+    try:
+        formula = native_forward_formula(op)
+    except RuntimeError as error:  # not a dispatcher operator (TorchScript-only)
+        return Route("open", f"PyTorch's dispatcher does not know it ({error})")
+    if formula.status == "native":
+        return Route("formula", formula.reason)
     if namespace(op) != "aten":
         return Route("open", "custom operators have no forward-AD formula")
     if formula.status == "missing":
@@ -141,11 +147,16 @@ def _native_route(op: OpOverload) -> Route:
 def forward_route(op: OpOverload) -> Route:
     """What forward AD does with ``op`` when an input carries a tangent (fwdecomp's routing included).
 
-    Operators that fwdecomp routes (a registered decomposition, no native
-    formula) are ``"decomposition"``, exactly as :mod:`fwdecomp.api` decides.
+    Operators that fwdecomp routes (no native formula, and a JVP rule or a
+    registered decomposition, as :mod:`fwdecomp.api` decides) are ``"rule"``
+    or ``"decomposition"``; the rule wins, as in the eager backend.
     """
     route = _cached_native_route(op)
-    if route.kind != "formula" and registry.lookup(op) is not None:
+    if route.kind == "formula":
+        return route
+    if jvp_rules.lookup(op) is not None or jvp_rules.lookup_schema(schema_of(op)) is not None:
+        return Route("rule", "fwdecomp runs its registered JVP rule")
+    if registry.lookup(op) is not None:
         return Route("decomposition", "fwdecomp routes it to its registered decomposition")
     return route
 
@@ -226,8 +237,8 @@ class ClosureMode(_torch.TorchDispatchMode):
             return self._inline(func, args, kwargs)
         if route.kind == "open":
             raise ClosureError((*self.path, qualified_name(func)), route.reason, _caller())
-        result = func(*args, **kwargs)
-        if route.kind == "formula":
+        result = func(*args, **kwargs)  # recorded as it is: at run time PyTorch or fwdecomp's rule differentiates it
+        if route.kind in ("formula", "rule"):
             self._mark_results(func, args, kwargs, result)
         return result
 

@@ -147,12 +147,13 @@ def native_forward_formula(op: OpOverload) -> NativeFormula:
 
     ``status`` is ``"native"``, ``"missing"`` or ``"unknown"`` (no evidence
     either way: derivatives.yaml not shipped, or the operator is not in it).
-    Operators outside the ``aten`` namespace never have one.
+    Operators outside the ``aten`` namespace never have one (unless they are
+    CompositeImplicitAutograd: autograd then sees the operators they call).
     """
-    if namespace(op) != "aten":
-        return NativeFormula("missing", "custom operators have no forward-AD formula")
     if is_composite_implicit(op):
         return NativeFormula("native", "CompositeImplicitAutograd: autograd sees its parts")
+    if namespace(op) != "aten":
+        return NativeFormula("missing", "custom operators have no forward-AD formula")
     if op in _jvp_decomposed():
         return NativeFormula("native", "PyTorch decomposes it for forward AD itself (JIT decomposition)")
     entries = derivative_entries()

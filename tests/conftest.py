@@ -25,14 +25,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(autouse=True)
 def _isolation():
-    """Every test starts and ends disabled, with the built-in decomposition table and the same backend."""
+    """Every test starts and ends disabled, with the built-in decompositions, no JVP rules, the same backend."""
     saved = fwdecomp.registry.snapshot()
+    saved_rules = fwdecomp.jvp_rules.snapshot()
     impl = fwdecomp.get_impl()
     torch.manual_seed(0)
     yield
     left_enabled = fwdecomp.is_enabled()
     fwdecomp.disable()
     fwdecomp.registry.restore(saved)
+    fwdecomp.jvp_rules.restore(saved_rules)
     fwdecomp.set_impl(impl)
     assert not left_enabled, "the test left fwdecomp enabled"
 

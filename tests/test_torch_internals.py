@@ -179,3 +179,74 @@ def test_jvp_decomposed_operators():
     ops = _torch.jvp_decomposed_operators()
     assert aten.native_layer_norm_backward.default in ops
     assert aten._cdist_forward.default not in ops
+
+
+# --- custom operators, JVP rules, jvp_from_forward ---------------------------
+
+
+def test_primal_and_forward_grad_mode():
+    x = torch.randn(3)
+    with forward_ad.dual_level():
+        dual = forward_ad.make_dual(x, torch.ones(3))
+        primal = _torch.primal_of(dual)
+        assert _torch.tangent_of(primal) is None and torch.equal(primal, x)
+        assert primal.data_ptr() == dual.data_ptr()  # a view: the op called on it writes into the argument
+        assert _torch.forward_grad_is_enabled()
+        with _torch.forward_grad_enabled(False):
+            assert not _torch.forward_grad_is_enabled()
+            assert _torch.tangent_of(dual) is None
+        assert _torch.tangent_of(dual) is not None
+
+
+def test_function_defaults_tell_overrides():
+    class WithJvp(torch.autograd.Function):
+        @staticmethod
+        def forward(x):
+            return x
+
+        @staticmethod
+        def jvp(ctx, t):
+            return t
+
+    assert torch.autograd.Function.jvp is _torch.function_default("jvp")
+    assert WithJvp.jvp is not _torch.function_default("jvp")
+    assert WithJvp.setup_context is _torch.function_default("setup_context")
+
+
+def test_wrap_attribute_restores_exactly():
+    class Base:
+        def inherited(self):
+            return "base"
+
+    class Owner(Base):
+        def own(self):
+            return "own"
+
+    original = vars(Owner)["own"]
+    restore_own = _torch.wrap_attribute(Owner, "own", lambda f: lambda self: "wrapped " + f(self))
+    restore_inherited = _torch.wrap_attribute(Owner, "inherited", lambda f: lambda self: "wrapped " + f(self))
+    assert Owner().own() == "wrapped own" and Owner().inherited() == "wrapped base"
+    restore_inherited()
+    restore_own()
+    assert vars(Owner)["own"] is original and "inherited" not in vars(Owner)
+
+
+def test_definition_entry_points():
+    """Library.define / Library.impl / torch.ops.load_library: the names and arguments the hooks rely on."""
+    import inspect
+
+    define = inspect.signature(_torch.LIBRARY_CLASS.define)
+    assert list(define.parameters)[:2] == ["self", "schema"]
+    impl = inspect.signature(_torch.LIBRARY_CLASS.impl)
+    assert list(impl.parameters)[:4] == ["self", "op_name", "fn", "dispatch_key"]
+    assert list(inspect.signature(_torch.OPS_CLASS.load_library).parameters) == ["self", "path"]
+    assert isinstance(torch.ops, _torch.OPS_CLASS)
+    lib = torch.library.Library("fwdecomp_internals", "FRAGMENT")
+    lib.define("f.out(Tensor x) -> Tensor")
+    assert _torch.library_qualname(lib, "f.out(Tensor x) -> Tensor") == "fwdecomp_internals::f.out"
+    assert _torch.library_qualname(lib, "other::g") == "other::g"
+    assert _torch.library_qualname(lib, aten.add.Tensor) == "aten::add.Tensor"
+    assert _torch.library_impl_key(lib, "") == "CompositeImplicitAutograd"
+    assert _torch.library_impl_key(lib, "AutogradCPU") == "AutogradCPU"
+    assert _torch.library_impl_key(torch.library.Library("fwdecomp_internals", "IMPL", "CPU"), "") == "CPU"
+    lib._destroy()

@@ -1,4 +1,8 @@
-"""The eager backend: run the registered Python decomposition on every call.
+"""The eager backend: run the registered JVP rule or Python decomposition on every call.
+
+Precedence: an operator's JVP rule (:mod:`fwdecomp.jvp_rules`, the fast
+path its author wrote) wins over its decomposition; unregistering the rule
+brings the decomposition back.
 
 Importing this module installs an :class:`EagerBackend` as the process-wide
 implementation of the decomposition interface (``import fwdecomp`` does it).
@@ -23,7 +27,7 @@ from typing import Any
 
 import torch
 
-from fwdecomp import registry
+from fwdecomp import jvp_rules, registry
 from fwdecomp._torch import OpOverload, qualified_name, schema_of
 from fwdecomp.contract import DecompositionError, check_results, describe_function
 from fwdecomp.interface import DecompositionInterface, Registerer
@@ -58,13 +62,17 @@ def run_registered(op: OpOverload, stack: list[Any]) -> None:
 
 
 class EagerBackend(DecompositionInterface):
-    """Runs the Python decomposition from :mod:`fwdecomp.registry` on every call."""
+    """Runs the JVP rule or, failing that, the Python decomposition registered for the operator."""
 
     def has_decomposition(self, schema: torch.FunctionSchema) -> bool:
-        return registry.lookup_schema(schema) is not None
+        return jvp_rules.lookup_schema(schema) is not None or registry.lookup_schema(schema) is not None
 
     def run_decomposition(self, op: OpOverload, stack: list[Any]) -> None:
-        run_registered(op, stack)
+        rule = jvp_rules.lookup(op) or jvp_rules.lookup_schema(schema_of(op))
+        if rule is not None:
+            jvp_rules.run_rule(op, stack, rule)
+        else:
+            run_registered(op, stack)
 
 
 _registerer = Registerer(EagerBackend())

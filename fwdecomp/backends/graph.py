@@ -16,6 +16,7 @@ Example:
     >>> import torch, fwdecomp
     >>> from fwdecomp.backends import graph
     >>> fwdecomp.use_backend("graph")
+    >>> graph.cache_clear()
     >>> x = torch.randn(6, 3, dtype=torch.float64)
     >>> with fwdecomp.enabled():
     ...     out, tangent = torch.func.jvp(torch.pdist, (x,), (torch.ones_like(x),))
@@ -55,7 +56,7 @@ Design decisions (what is traced, and when the graph is not used):
   graph). Strides are part of it because a traced ``reshape`` becomes a
   ``view`` or a copy depending on them. The cache is a bounded LRU
   (:func:`configure`), thread-safe; :func:`cache_info`, :func:`cache_clear`.
-  Registering or removing any decomposition clears it.
+  Registering or removing any decomposition or JVP rule clears it.
 - **Data-dependent control flow** (``if (x > 0).any():``, ``.item()``,
   ``.tolist()``, operators whose output shape depends on values) cannot be
   captured in a graph that must serve every input with the same signature.
@@ -73,14 +74,17 @@ Design decisions (what is traced, and when the graph is not used):
   scalar constants) are computed once when the graph is built and stored
   with it (up to 16 MiB per tensor; not in graphs that mutate tensors, and
   never a value the graph returns). Random operators are kept and re-run.
-- **Not traced**: an operator without a registered decomposition (the
-  eager path handles it: this is where JVP rules, which are not
-  decompositions, are served), calls under an active ``TorchDispatchMode``
-  (a user's tracer), tensor subclasses, non-strided tensors and non-tensor
-  arguments other than numbers, strings, dtypes, devices, layouts, memory
-  formats and lists of these. All go to the eager backend, unchanged. A
-  decomposition that uses ``torch.autograd.Function`` would lose its custom
-  ``jvp`` in a trace: the library has none, do not register one.
+- **Not traced**: an operator with a JVP rule (the rule is a function of
+  tangents, not of traceable operators, and wins over a decomposition as in
+  the eager backend; inside a traced graph such an operator stays a node and
+  its rule runs when the graph calls it); an operator without a registered
+  decomposition; calls under an active ``TorchDispatchMode`` (a user's
+  tracer); tensor subclasses, non-strided tensors, and non-tensor arguments
+  other than numbers, strings, dtypes, devices, layouts, memory formats and
+  lists of these. All go to the eager backend, unchanged. A decomposition
+  must not branch on ``requires_grad`` or grad mode (the stand-ins never
+  require grad), nor use ``torch.autograd.Function`` (its ``jvp`` would be
+  lost in the trace); the library's decompositions do neither.
 """
 
 from __future__ import annotations
@@ -100,7 +104,7 @@ from typing import Any, Callable, NamedTuple
 import torch
 import torch.fx
 
-from fwdecomp import _torch, registry
+from fwdecomp import _torch, jvp_rules, registry
 from fwdecomp._torch import OpOverload, qualified_name, schema_of, tangent_of
 from fwdecomp.backends.eager import EagerBackend
 from fwdecomp.cli import audit_view
@@ -139,9 +143,12 @@ _generation = 0
 def _graph_can_run(op: OpOverload) -> bool:
     """Whether the graph backend serves ``op`` itself: it has a registered *decomposition* to trace.
 
-    Everything else fwdecomp can do for an operator (a JVP rule, say) is not a
-    function of traceable operators and stays on the eager path.
+    Anything else fwdecomp does for an operator stays on the eager path; a JVP
+    rule (which wins over a decomposition, as in the eager backend) is a
+    function of tangents, not a traceable decomposition.
     """
+    if jvp_rules.lookup(op) is not None or jvp_rules.lookup_schema(schema_of(op)) is not None:
+        return False
     return registry.lookup(op) is not None
 
 
@@ -610,6 +617,7 @@ def _on_registry_change(event: str, op: OpOverload) -> None:
 
 
 registry.subscribe(_on_registry_change)
+jvp_rules.subscribe(_on_registry_change)
 
 
 # --- explain ---------------------------------------------------------------------------
