@@ -13,9 +13,14 @@ table. Dtype: float32 where the decomposition supports it.
 Method: each measurement is ``number`` back-to-back calls (chosen so that
 one measurement takes about ``--target`` seconds), repeated ``--repeats``
 times with the two backends interleaved in every repeat; the per-call time
-is the median over repeats. The graph backend is warmed up first (its first
-call traces; that time is reported separately as "trace"). The ratio is
-eager time / graph time: above 1 the graph backend is faster.
+is the median over repeats. On CPU the clock is the process's CPU time
+(``time.process_time``) with ``--threads`` intra-op threads (default 1), so
+that other processes sharing the machine do not distort the figures; on
+CUDA it is wall-clock time between device synchronisations. The graph
+backend is warmed up first (its first call traces; that time is reported
+separately, wall-clock, as "first call"). The ratio is eager time / graph
+time: above 1 the graph backend is faster. "ops" is the number of aten
+calls in the traced graph.
 
     .venv/bin/python benchmarks/backends.py                 # all operators, CPU
     .venv/bin/python benchmarks/backends.py --ops pdist --repeats 5
@@ -131,16 +136,18 @@ def _jvp_call(op, sample: Sample) -> Callable[[], object]:
     return lambda: torch.func.jvp(f, primals, tangents)
 
 
-def _per_call(call: Callable[[], object], number: int, sync: Callable[[], None]) -> float:
+def _per_call(call: Callable[[], object], number: int, sync: Callable[[], None], clock: Callable[[], float]) -> float:
     sync()
-    start = time.perf_counter()
+    start = clock()
     for _ in range(number):
         call()
     sync()
-    return (time.perf_counter() - start) / number
+    return (clock() - start) / number
 
 
-def measure(op, sample: Sample, repeats: int, target: float, sync: Callable[[], None]) -> dict[str, float]:
+def measure(
+    op, sample: Sample, repeats: int, target: float, sync: Callable[[], None], clock: Callable[[], float]
+) -> dict[str, object]:
     """Median per-call seconds under each backend, and the graph backend's first (tracing) call."""
     call = _jvp_call(op, sample)
     fwdecomp.use_backend("graph")
@@ -149,25 +156,28 @@ def measure(op, sample: Sample, repeats: int, target: float, sync: Callable[[], 
     call()
     sync()
     trace = time.perf_counter() - start
-    kind = next((e.kind for e in graph.default_backend().entries() if e.op == op), "?")
+    entry = next((e for e in graph.default_backend().entries() if e.op == op), None)
+    kind = entry.kind if entry is not None else "?"
+    ops = sum(n.op == "call_function" for n in entry.graph.graph.nodes) if entry is not None and entry.graph else 0
     for backend in ("eager", "graph"):  # warm-up
         fwdecomp.use_backend(backend)
         for _ in range(2):
             call()
     fwdecomp.use_backend("eager")
-    once = _per_call(call, 1, sync)
+    once = _per_call(call, 3, sync, time.perf_counter)
     number = max(1, int(target / max(once, 1e-7)))
     times: dict[str, list[float]] = {"eager": [], "graph": []}
     for _ in range(repeats):
         for backend in ("eager", "graph"):
             fwdecomp.use_backend(backend)
-            times[backend].append(_per_call(call, number, sync))
+            times[backend].append(_per_call(call, number, sync, clock))
     fwdecomp.use_backend("eager")
     return {
         "eager": statistics.median(times["eager"]),
         "graph": statistics.median(times["graph"]),
         "trace": trace,
-        "kind": kind,  # type: ignore[dict-item]
+        "kind": kind,
+        "ops": ops,
     }
 
 
@@ -180,28 +190,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--target", type=float, default=0.1, help="seconds per measurement (default 0.1)")
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads on CPU (default 1)")
     parser.add_argument("--ops", default="", help="only operators whose name contains this")
     args = parser.parse_args(argv)
     device = args.device
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    torch.set_num_threads(torch.get_num_threads())
-    print(f"torch {torch.__version__}, {device}, {torch.get_num_threads()} threads, median of {args.repeats}\n")
-    print("| operator | size | shapes | eager | graph | eager / graph | graph: first call (trace) |")
-    print("| --- | --- | --- | ---: | ---: | ---: | ---: |")
+    if device.startswith("cuda"):
+        sync, clock, timer = torch.cuda.synchronize, time.perf_counter, "wall-clock"
+    else:
+        torch.set_num_threads(args.threads)
+        sync, clock, timer = (lambda: None), time.process_time, f"CPU time, {args.threads} thread(s)"
+    start = time.perf_counter()
+    graph.explain("aten::_pdist_forward", torch.zeros(3, 2, device=device))  # the first trace imports torch._dynamo
+    warm_up = time.perf_counter() - start
+    print(f"torch {torch.__version__}, {device}, {timer}, median of {args.repeats}")
+    print(f"(the first trace in a process also imports torch._dynamo for fake tensors: {warm_up:.1f} s here)\n")
+    print("| operator | size | shapes | eager | graph | eager / graph | ops | first call |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
     with fwdecomp.enabled():
         for op in fwdecomp.registry.operators():
-            name = fwdecomp.registry.lookup(op).name
-            if args.ops not in name:
-                continue
             entry = fwdecomp.registry.lookup(op)
+            if args.ops not in entry.name:
+                continue
             dtype = torch.float32 if torch.float32 in entry.dtypes else entry.dtypes[0]
             for size, sample in _cases(op, device, dtype):
-                result = measure(op, sample, args.repeats, args.target, sync)
+                result = measure(op, sample, args.repeats, args.target, sync, clock)
                 ratio = result["eager"] / result["graph"]
                 note = "" if result["kind"] == "graph" else f" ({result['kind']})"
                 print(
-                    f"| `{name}` | {size} | {_shapes(sample)} | {_format_time(result['eager'])} | "
-                    f"{_format_time(result['graph'])}{note} | {ratio:.2f} | {_format_time(result['trace'])} |",
+                    f"| `{entry.name}` | {size} | {_shapes(sample)} | {_format_time(result['eager'])} | "
+                    f"{_format_time(result['graph'])}{note} | {ratio:.2f} | {result['ops']} | "
+                    f"{_format_time(result['trace'])} |",
                     flush=True,
                 )
     fwdecomp.use_backend("eager")

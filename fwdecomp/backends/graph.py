@@ -42,7 +42,12 @@ Design decisions (what is traced, and when the graph is not used):
   (``nonzero``, ``repeat_interleave``) on the stand-ins and bake their
   results' shapes into the graph.
 - **Closure** (:mod:`fwdecomp.closure`) is checked while tracing, on the
-  values that can carry a tangent. An operator that fwdecomp routes
+  values that can carry a tangent, taking every floating-point or complex
+  input to carry one: a cached graph is then valid whichever inputs carry
+  tangents in a later call, and at every nesting level of forward AD (an
+  outer ``jvp``'s tangent may sit on an input the inner one leaves alone);
+  and the signature need not ask each input for its tangent (about as costly
+  as the rest of the key). An operator that fwdecomp routes
   (registered decomposition, no native formula) is inlined by tracing its
   own decomposition, recursively; an operator forward AD cannot get through
   raises :class:`~fwdecomp.closure.ClosureError` naming the path
@@ -51,8 +56,7 @@ Design decisions (what is traced, and when the graph is not used):
 - **The signature** (the cache key) is the operator and, per tensor
   argument, its dtype, device, shape and strides (``"fake"``) or rank
   (``"symbolic"``, where the shape guards the tracer recorded decide which
-  cached graph fits), and whether it carries a tangent (closure depends on
-  it); non-tensor arguments by type and value (they are constants of the
+  cached graph fits); non-tensor arguments by type and value (they are constants of the
   graph). Strides are part of it because a traced ``reshape`` becomes a
   ``view`` or a copy depending on them. The cache is a bounded LRU
   (:func:`configure`), thread-safe; :func:`cache_info`, :func:`cache_clear`.
@@ -105,7 +109,7 @@ import torch
 import torch.fx
 
 from fwdecomp import _torch, jvp_rules, registry
-from fwdecomp._torch import OpOverload, qualified_name, schema_of, tangent_of
+from fwdecomp._torch import OpOverload, qualified_name, schema_of
 from fwdecomp.backends.eager import EagerBackend
 from fwdecomp.cli import audit_view
 from fwdecomp.closure import ClosureError, ClosureMode, forward_route
@@ -159,34 +163,36 @@ class _Untraceable(Exception):
     """An argument the graph backend does not key on; the call goes to the eager path."""
 
 
-def _signature_part(value: Any, leaves: list[torch.Tensor], carries: list[bool], symbolic: bool) -> Any:
+def _signature_part(value: Any, leaves: list[torch.Tensor], symbolic: bool) -> Any:
     if isinstance(value, torch.Tensor):
         if type(value) not in _PLAIN_TENSORS or value.layout is not torch.strided:
             raise _Untraceable(type(value).__name__)
-        carrying = tangent_of(value) is not None
         leaves.append(value)
-        carries.append(carrying)
         if symbolic:
-            return (value.dtype, value.device, value.dim(), carrying)
-        return (value.dtype, value.device, value.shape, value.stride(), carrying)
+            return (value.dtype, value.device, value.dim())
+        return (value.dtype, value.device, value.shape, value.stride())
     if isinstance(value, float):
         return (float, value.hex())  # -0.0 and nan are keys too
     if type(value) in _SCALARS:
         return (type(value), value)
     if isinstance(value, (list, tuple)):
-        return (type(value), tuple(_signature_part(v, leaves, carries, symbolic) for v in value))
+        return (type(value), tuple(_signature_part(v, leaves, symbolic) for v in value))
     raise _Untraceable(type(value).__name__)
 
 
-def _signature(op: OpOverload, stack: list[Any], symbolic: bool) -> tuple[Any, list[torch.Tensor], list[bool]]:
-    """The cache key of a call, its tensors in order, and which of them carry a tangent.
+def _signature(op: OpOverload, stack: list[Any], symbolic: bool) -> tuple[Any, list[torch.Tensor]]:
+    """The cache key of a call, and its tensors in order.
 
     The default dtype is part of it: factory calls without a dtype bake it into the graph.
     """
     leaves: list[torch.Tensor] = []
-    carries: list[bool] = []
-    parts = tuple(_signature_part(v, leaves, carries, symbolic) for v in stack)
-    return (op, torch.get_default_dtype(), parts), leaves, carries
+    parts = tuple(_signature_part(v, leaves, symbolic) for v in stack)
+    return (op, torch.get_default_dtype(), parts), leaves
+
+
+def _differentiable(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` can carry a tangent (closure is checked as if every such input did)."""
+    return tensor.is_floating_point() or tensor.is_complex()
 
 
 def _leaves(values: Any) -> list[torch.Tensor]:
@@ -214,16 +220,11 @@ def _rebuild(values: list[Any], leaves: Any) -> list[Any]:
     return [swap(v) for v in values]
 
 
-def _describe_call(op: OpOverload, stack: list[Any], carries: list[bool]) -> str:
-    flags = iter(carries)
-
+def _describe_call(op: OpOverload, stack: list[Any]) -> str:
     def show(value: Any) -> str:
         if isinstance(value, torch.Tensor):
-            dtype = str(value.dtype).removeprefix("torch.")
-            text = f"{dtype}{list(value.shape)}"
-            if value.device.type != "cpu":
-                text += f"@{value.device}"
-            return text + (" with tangent" if next(flags) else "")
+            text = f"{str(value.dtype).removeprefix('torch.')}{list(value.shape)}"
+            return text if value.device.type == "cpu" else f"{text}@{value.device}"
         if isinstance(value, (list, tuple)):
             return "[" + ", ".join(show(v) for v in value) + "]"
         return repr(value)
@@ -358,7 +359,7 @@ def _fold_constants(module: torch.fx.GraphModule) -> int:
     return count
 
 
-def _trace(op: OpOverload, stack: list[Any], leaves: list[torch.Tensor], carries: list[bool], mode: str) -> _Traced:
+def _trace(op: OpOverload, stack: list[Any], leaves: list[torch.Tensor], mode: str) -> _Traced:
     """Trace ``op``'s decomposition for this call; raises ClosureError, or whatever tracing hit."""
     schema = schema_of(op)
     entry = registry.lookup(op) or registry.lookup_schema(schema)
@@ -369,8 +370,8 @@ def _trace(op: OpOverload, stack: list[Any], leaves: list[torch.Tensor], carries
     def decomposition(*placeholders: torch.Tensor) -> list[Any]:
         closure = ClosureMode(op, check_contracts=mode == "fake")
         seen["closure"] = closure
-        for placeholder, carrying in zip(placeholders, carries):
-            if carrying:
+        for placeholder in placeholders:
+            if _differentiable(placeholder):
                 closure.mark(placeholder)
         args, kwargs = stack_to_arguments(schema, _rebuild(stack, placeholders))
         with _torch.below_autograd(), closure:
@@ -388,7 +389,7 @@ def _trace(op: OpOverload, stack: list[Any], leaves: list[torch.Tensor], carries
         module.__class__.__name__ = schema.name.split("::", 1)[1]  # the class is the module's own
     return _Traced(
         op,
-        _describe_call(op, stack, carries),
+        _describe_call(op, stack),
         "graph",
         graph=module,
         forward=module.forward,
@@ -440,13 +441,13 @@ class GraphBackend(DecompositionInterface):
             self._eager.run_decomposition(op, stack)
             return
         try:
-            key, leaves, carries = _signature(op, stack, self.tracing_mode == "symbolic")
+            key, leaves = _signature(op, stack, self.tracing_mode == "symbolic")
         except _Untraceable:
             self._eager.run_decomposition(op, stack)
             return
         traced = self._lookup(key, leaves)
         if traced is None:
-            traced = self._trace(op, stack, key, leaves, carries)
+            traced = self._trace(op, stack, key, leaves)
             if traced is None:
                 return  # the eager path ran this call
         self._run(traced, op, stack, leaves)
@@ -537,19 +538,17 @@ class GraphBackend(DecompositionInterface):
 
     # tracing and running ------------------------------------------------------------------
 
-    def _trace(
-        self, op: OpOverload, stack: list[Any], key: Any, leaves: list[torch.Tensor], carries: list[bool]
-    ) -> _Traced | None:
+    def _trace(self, op: OpOverload, stack: list[Any], key: Any, leaves: list[torch.Tensor]) -> _Traced | None:
         """Trace (once: a thread that waited for the lock finds the other's graph), or run eagerly."""
         generation = _generation
-        call = _describe_call(op, stack, carries)
+        call = _describe_call(op, stack)
         with _TRACE_LOCK:
             with self._lock:
                 traced = self._find(key, leaves)
             if traced is not None:
                 return traced
             try:
-                traced = _trace(op, stack, leaves, carries, self.tracing_mode)
+                traced = _trace(op, stack, leaves, self.tracing_mode)
             except ClosureError as error:
                 self._store(key, _Traced(op, call, "refused", str(error), error=error), generation)
                 raise
@@ -681,15 +680,14 @@ def _operators(module: torch.fx.GraphModule) -> dict[str, str]:
 def explain(op: OperatorLike, *args: Any, **kwargs: Any) -> Explanation:
     """The graph the graph backend runs for ``op(*args, **kwargs)`` under forward AD, in readable form.
 
-    Tensor arguments are read for their metadata only. Each floating-point or
-    complex tensor is taken to carry a tangent; inside a forward-AD level,
-    only those that do. Raises :class:`~fwdecomp.closure.ClosureError` if the
+    Tensor arguments are read for their metadata only; each floating-point or
+    complex one is taken to carry a tangent, as the backend does. Raises :class:`~fwdecomp.closure.ClosureError` if the
     decomposition is not closed under forward AD.
 
     Example:
         >>> import torch, fwdecomp
         >>> print(fwdecomp.explain("aten::_pdist_forward", torch.randn(4, 3), 1.0))
-        aten::_pdist_forward(self=float32[4, 3] with tangent, p=1.0)
+        aten::_pdist_forward(self=float32[4, 3], p=1.0)
         traced graph: 4 operators, closed under forward AD
         input-independent tensors computed once: 2
         operators: aten::index.Tensor [formula], aten::sub.Tensor [formula], aten::abs [formula],
@@ -710,15 +708,13 @@ def explain(op: OperatorLike, *args: Any, **kwargs: Any) -> Explanation:
         raise NotImplementedError(f"fwdecomp: no decomposition is registered for {qualified_name(overload)}")
     stack = arguments_to_stack(schema_of(overload), args, kwargs)
     leaves = _leaves(stack)
-    in_level = _torch.dual_level_active()
-    carries = [(tangent_of(t) is not None) if in_level else (t.is_floating_point() or t.is_complex()) for t in leaves]
     try:
-        traced = _trace(overload, stack, leaves, carries, _default.tracing_mode)
+        traced = _trace(overload, stack, leaves, _default.tracing_mode)
     except ClosureError:
         raise
     except Exception as error:
         reason = f"tracing failed: {type(error).__name__}: {str(error).splitlines()[0]}"
-        return Explanation(_describe_call(overload, stack, carries), "eager", reason, None, {}, 0, None, {})
+        return Explanation(_describe_call(overload, stack), "eager", reason, None, {}, 0, None, {})
     assert traced.graph is not None
     return Explanation(
         traced.call,
@@ -749,8 +745,6 @@ class ClosureRow:
 
 def check_closure(op: OpOverload, limit: int | None = None) -> ClosureRow:
     """Trace ``op``'s decomposition on its float64 samples and report whether it is closed."""
-    from fwdecomp.checks import differentiable_positions
-
     row = ClosureRow(qualified_name(op), "no samples")
     entry = registry.lookup(op)
     if entry is None or entry.samples is None:
@@ -761,12 +755,9 @@ def check_closure(op: OpOverload, limit: int | None = None) -> ClosureRow:
         if limit is not None and index >= limit:
             break
         stack = arguments_to_stack(schema, sample.args, sample.kwargs)
-        leaves = _leaves(stack)
-        with_tangent = {id(sample.args[i]) for i in differentiable_positions(sample)}
-        carries = [id(t) in with_tangent for t in leaves]
         row.samples += 1
         try:
-            traced = _trace(op, stack, leaves, carries, _default.tracing_mode)
+            traced = _trace(op, stack, _leaves(stack), _default.tracing_mode)
         except ClosureError as error:
             row.verdict, row.detail = "open", " -> ".join(error.path) + f": {error.reason}"
             return row
