@@ -430,6 +430,21 @@ def test_random_operators_run_every_call(graph_backend):
     assert graph.cache_info().hits == 1 and not torch.equal(first, second)
 
 
+def test_arithmetic_with_python_numbers_uses_scalar_overloads(graph_backend):
+    @fwdecomp.register_decomposition("aten::_pdist_forward", replace=True)
+    def scaled(self, p=2.0):
+        return (fwdecomp.decompositions.distance.pdist_forward(self, p) * 2.0 + 1) / 4 - 0.5
+
+    x, v = torch.randn(5, 3, dtype=f64), torch.randn(5, 3, dtype=f64)
+    operators = fwdecomp.explain("aten::_pdist_forward", x).operators
+    assert {"aten::mul.Scalar", "aten::add.Scalar", "aten::div.Scalar", "aten::sub.Scalar"} <= set(operators)
+    assert not {"aten::mul.Tensor", "aten::add.Tensor", "aten::div.Tensor"} & set(operators)
+    traced = torch.func.jvp(torch.pdist, (x,), (v,))
+    fwdecomp.use_backend("eager")
+    eager = torch.func.jvp(torch.pdist, (x,), (v,))
+    assert all(torch.equal(a, b) for a, b in zip(traced, eager))
+
+
 # --- symbolic shapes -----------------------------------------------------------------------
 
 

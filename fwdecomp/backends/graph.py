@@ -78,6 +78,10 @@ Design decisions (what is traced, and when the graph is not used):
   scalar constants) are computed once when the graph is built and stored
   with it (up to 16 MiB per tensor; not in graphs that mutate tensors, and
   never a value the graph returns). Random operators are kept and re-run.
+  Binary arithmetic with a Python number calls the operator's ``.Scalar``
+  overload (same kernel, same values): under forward AD the ``.Tensor``
+  overload gives the number a zero tangent whose arithmetic is 40-70x slower
+  in PyTorch 2.13 (README, "Backends").
 - **Not traced**: an operator with a JVP rule (the rule is a function of
   tangents, not of traceable operators, and wins over a decomposition as in
   the eager backend; inside a traced graph such an operator stays a node and
@@ -326,6 +330,35 @@ def _eliminate_dead_code(graph: torch.fx.Graph) -> None:
         graph.erase_node(node)
 
 
+_aten = torch.ops.aten
+#: Binary operators whose ``.Tensor`` overload, given a Python number, has a ``.Scalar`` twin.
+_SCALAR_TWINS = {
+    _aten.add.Tensor: _aten.add.Scalar,
+    _aten.sub.Tensor: _aten.sub.Scalar,
+    _aten.mul.Tensor: _aten.mul.Scalar,
+    _aten.div.Tensor: _aten.div.Scalar,
+    _aten.div.Tensor_mode: _aten.div.Scalar_mode,
+}
+
+
+def _use_scalar_overloads(graph: torch.fx.Graph) -> int:
+    """Call the ``.Scalar`` overload where a binary operator's second operand is a Python number.
+
+    The same kernel computes the same values, but under forward AD the
+    ``.Tensor`` overload gives the number a zero tangent (an "efficient zero
+    tensor"), whose arithmetic costs 100-500 µs a call in PyTorch 2.13 on CPU
+    (its shapes come from a Python meta kernel); the ``.Scalar`` formula is
+    ``self_t * other`` and costs a few µs (README, "Backends").
+    """
+    count = 0
+    for node in graph.nodes:
+        twin = _SCALAR_TWINS.get(node.target) if node.op == "call_function" else None
+        if twin is not None and len(node.args) >= 2 and type(node.args[1]) in (bool, int, float, complex):
+            node.target = twin
+            count += 1
+    return count
+
+
 def _fold_constants(module: torch.fx.GraphModule) -> int:
     """Compute the input-independent parts of the graph once; returns how many tensors are stored."""
     graph = module.graph
@@ -384,6 +417,7 @@ def _trace(op: OpOverload, stack: list[Any], leaves: list[torch.Tensor], mode: s
         guards = _torch.shape_guards(placeholders) if mode == "symbolic" else None
         folded = _fold_constants(module)
         _eliminate_dead_code(module.graph)
+        _use_scalar_overloads(module.graph)
         module.graph.lint()
         module.recompile()
         module.__class__.__name__ = schema.name.split("::", 1)[1]  # the class is the module's own
