@@ -196,10 +196,13 @@ class ClosureMode(_torch.TorchDispatchMode):
     It runs above the tracer's own modes and sees each operator as it is
     called below autograd: CompositeImplicitAutograd operators that receive a
     tangent are decomposed here (as autograd would) so that their parts are
-    checked; operators routed by fwdecomp are replaced by their registered
-    decomposition, so the tracer records its parts; an ``open`` operator
-    raises :class:`ClosureError`. :meth:`mark` declares which inputs carry
-    tangents.
+    checked; operators routed by fwdecomp to a decomposition are replaced by
+    it, so the tracer records its parts (their results are checked against
+    the operator's contract, as the eager backend checks a nested call, when
+    ``check_contracts``); operators with a JVP rule stay as they are; an
+    ``open`` operator raises :class:`ClosureError`. :meth:`mark` declares
+    which inputs carry tangents; ``inlined`` counts the decompositions
+    inlined.
     """
 
     MAX_DEPTH = 8

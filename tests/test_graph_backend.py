@@ -341,6 +341,22 @@ def test_bad_input_raises_as_with_the_eager_backend(enabled):
     assert messages[0] == messages[1] and "contiguous" in messages[0]
 
 
+def test_a_graph_that_fails_where_eager_runs_gives_way_to_eager(graph_backend):
+    x = torch.randn(5, 3, dtype=f64)
+    _, expected = torch.func.jvp(torch.pdist, (x,), (x,))
+    (entry,) = graph.default_backend().entries()
+
+    def broken(*tensors):  # stands for a graph a batching rule cannot run
+        raise RuntimeError("view size is not compatible with input tensor's size and stride")
+
+    entry.forward = broken
+    _, tangent = torch.func.jvp(torch.pdist, (x,), (x,))
+    assert torch.equal(tangent, expected)
+    assert entry.kind == "eager" and "view size is not compatible" in entry.reason
+    _, tangent = torch.func.jvp(torch.pdist, (x,), (x,))  # eager from now on
+    assert torch.equal(tangent, expected) and graph.cache_info().eager == 1
+
+
 def test_contract_is_checked_once_per_signature(graph_backend, monkeypatch):
     checks = []
     real_check = graph.check_results

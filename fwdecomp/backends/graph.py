@@ -68,6 +68,9 @@ Design decisions (what is traced, and when the graph is not used):
   the eager decomposition for that signature and remembers why
   (:func:`explain` shows the reason). Errors of the decomposition itself
   (bad input) surface exactly as with the eager backend, which re-runs it.
+  A graph that raises where the eager decomposition does not (a batching
+  rule that cannot ``view`` some layout, say) gives way to the eager path for
+  its signature, unless it writes into tensors (then its error is raised).
 - **Autocast** is off while tracing, so no cast is baked into a graph; at
   run time autocast treats the graph's operators as it treats the eager
   decomposition's.
@@ -124,11 +127,13 @@ from fwdecomp.stack import arguments_to_stack, results_to_stack, stack_to_argume
 
 __all__ = [
     "CacheInfo",
+    "ClosureRow",
     "Explanation",
     "GraphBackend",
     "TRACING_MODES",
     "cache_clear",
     "cache_info",
+    "check_closure",
     "configure",
     "default_backend",
     "explain",
@@ -259,6 +264,13 @@ class _Shape:
         return len(self._size)
 
 
+def _guard_holds(guard: Callable[[list[Any]], bool], leaves: list[torch.Tensor]) -> bool:
+    try:
+        return guard([_Shape(t) for t in leaves])
+    except Exception:  # a guard reading something _Shape does not offer: trace again rather than guess
+        return False
+
+
 # --- tracing --------------------------------------------------------------------
 
 
@@ -278,6 +290,7 @@ class _Traced:
     folded: int = 0
     error: ClosureError | None = None
     checked: bool = False
+    mutates: bool = False
 
 
 def _standins(leaves: list[torch.Tensor], tracing_mode: str) -> list[torch.Tensor]:
@@ -431,6 +444,7 @@ def _trace(op: OpOverload, stack: list[Any], leaves: list[torch.Tensor], mode: s
         guard=_torch.compile_shape_guards(guards) if guards else None,
         inlined=dict(seen["closure"].inlined),
         folded=folded,
+        mutates=any(_mutates(node) for node in module.graph.nodes),
     )
 
 
@@ -525,6 +539,11 @@ class GraphBackend(DecompositionInterface):
             self._clear()
             self._hits = self._misses = 0
 
+    def invalidate(self) -> None:
+        """Drop every cached graph, keeping the counters (the registry changed)."""
+        with self._lock:
+            self._clear()
+
     def entries(self) -> list[_Traced]:
         """The cached entries, least recently used first."""
         with self._lock:
@@ -543,7 +562,7 @@ class GraphBackend(DecompositionInterface):
         group = self._cache.get(key)
         if group is not None:
             for traced in group:
-                if traced.guard is None or traced.guard([_Shape(t) for t in leaves]):
+                if traced.guard is None or _guard_holds(traced.guard, leaves):
                     self._cache.move_to_end(key)
                     return traced
         return None
@@ -607,10 +626,16 @@ class GraphBackend(DecompositionInterface):
         try:
             outputs = traced.forward(*leaves)
         except Exception as error:
-            raise DecompositionError(
-                f"fwdecomp: the traced decomposition of {qualified_name(op)} raised {type(error).__name__}: "
-                f"{error}\n(use fwdecomp.use_backend('eager') to run the Python decomposition instead)"
-            ) from error
+            if traced.mutates:  # it may have written before failing: running again is not safe
+                raise DecompositionError(
+                    f"fwdecomp: the traced decomposition of {qualified_name(op)} raised {type(error).__name__}: "
+                    f"{error}\n(use fwdecomp.use_backend('eager') to run the Python decomposition instead)"
+                ) from error
+            self._eager.run_decomposition(op, stack)  # raises as the eager backend does, if it fails too
+            with self._lock:  # the eager decomposition ran where the graph could not: use it from now on
+                traced.kind = "eager"
+                traced.reason = f"its traced graph raised {type(error).__name__}: {str(error).splitlines()[0]}"
+            return
         if not traced.checked:  # the contract, once per signature
             args, kwargs = stack_to_arguments(schema_of(op), stack)
             check_results(op, args, kwargs, outputs)
@@ -646,7 +671,7 @@ def _on_registry_change(event: str, op: OpOverload) -> None:
     global _generation
     _generation += 1
     for backend in list(_instances):
-        backend.cache_clear()
+        backend.invalidate()
 
 
 registry.subscribe(_on_registry_change)
