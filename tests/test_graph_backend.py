@@ -131,6 +131,16 @@ def test_cache_is_a_bounded_lru(graph_backend):
     assert graph.cache_info() == graph.CacheInfo(0, 0, 2, 0, 0, 0, 0)
 
 
+def test_stored_constants_have_a_budget(graph_backend, monkeypatch):
+    monkeypatch.setattr(graph, "CONSTANT_BUDGET_BYTES", 500)  # pdist's constants: 112 to 352 bytes for 4 to 7 rows
+    for n in (4, 5, 6, 7):
+        x = torch.randn(n, 3, dtype=f64)
+        torch.func.jvp(torch.pdist, (x,), (x,))
+    entries = graph.default_backend().entries()
+    assert 1 <= len(entries) < 4 and sum(e.constant_bytes for e in entries) <= 500
+    assert entries[-1].call.startswith("aten::_pdist_forward(self=float64[7, 3]")  # the newest stays
+
+
 def test_configure_validates():
     with pytest.raises(ValueError, match="cache_size must be a positive int"):
         graph.configure(cache_size=0)

@@ -79,8 +79,9 @@ Design decisions (what is traced, and when the graph is not used):
 - **Run-time simplifications**: dead code is dropped, and subgraphs that do
   not depend on the inputs (index tables such as ``triu_indices``, masks,
   scalar constants) are computed once when the graph is built and stored
-  with it (up to 16 MiB per tensor; not in graphs that mutate tensors, and
-  never a value the graph returns). Random operators are kept and re-run.
+  with it (up to 16 MiB per tensor and 512 MiB for the whole cache, beyond
+  which the least recently used graphs are dropped; not in graphs that
+  mutate tensors, and never a value the graph returns). Random operators are kept and re-run.
   Binary arithmetic with a Python number calls the operator's ``.Scalar``
   overload (same kernel, same values): under forward AD the ``.Tensor``
   overload gives the number a zero tangent whose arithmetic is 40-70x slower
@@ -143,6 +144,8 @@ TRACING_MODES = ("fake", "symbolic")
 
 #: Largest input-independent tensor stored with a graph instead of recomputed per call.
 FOLD_LIMIT_BYTES = 16 * 2**20
+#: Most bytes of such tensors a backend's cache keeps; beyond, the least recently used graphs go.
+CONSTANT_BUDGET_BYTES = 512 * 2**20
 
 _SCALARS = (type(None), bool, int, float, complex, str, torch.dtype, torch.device, torch.layout, torch.memory_format)
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
@@ -288,6 +291,7 @@ class _Traced:
     guard: Callable[[list[Any]], bool] | None = None
     inlined: dict[str, int] = field(default_factory=dict)
     folded: int = 0
+    constant_bytes: int = 0
     error: ClosureError | None = None
     checked: bool = False
     mutates: bool = False
@@ -372,11 +376,11 @@ def _use_scalar_overloads(graph: torch.fx.Graph) -> int:
     return count
 
 
-def _fold_constants(module: torch.fx.GraphModule) -> int:
-    """Compute the input-independent parts of the graph once; returns how many tensors are stored."""
+def _fold_constants(module: torch.fx.GraphModule) -> tuple[int, int]:
+    """Compute the input-independent parts of the graph once; returns how many tensors, and bytes, are stored."""
     graph = module.graph
     if any(_mutates(node) for node in graph.nodes):
-        return 0
+        return 0, 0
     values: dict[torch.fx.Node, Any] = {}
     for node in graph.nodes:
         if node.op == "get_attr":
@@ -389,6 +393,7 @@ def _fold_constants(module: torch.fx.GraphModule) -> int:
                     values[node] = node.target(*args, **kwargs)
     escaping = _escaping(graph)
     count = 0
+    storages: dict[int, int] = {}
     for node, value in values.items():
         if node.op == "get_attr" or node in escaping or not isinstance(value, torch.Tensor):
             continue
@@ -401,8 +406,9 @@ def _fold_constants(module: torch.fx.GraphModule) -> int:
             constant = graph.get_attr(name)
         constant.meta["val"] = value
         node.replace_all_uses_with(constant)
+        storages[_torch.storage_key(value)] = value.untyped_storage().nbytes()
         count += 1
-    return count
+    return count, sum(storages.values())
 
 
 def _trace(op: OpOverload, stack: list[Any], leaves: list[torch.Tensor], mode: str) -> _Traced:
@@ -428,7 +434,7 @@ def _trace(op: OpOverload, stack: list[Any], leaves: list[torch.Tensor], mode: s
         module = _torch.make_fx(decomposition, mode)(*_standins(leaves, mode))
         placeholders = [n.meta.get("val") for n in module.graph.nodes if n.op == "placeholder"]
         guards = _torch.shape_guards(placeholders) if mode == "symbolic" else None
-        folded = _fold_constants(module)
+        folded, constant_bytes = _fold_constants(module)
         _eliminate_dead_code(module.graph)
         _use_scalar_overloads(module.graph)
         module.graph.lint()
@@ -444,6 +450,7 @@ def _trace(op: OpOverload, stack: list[Any], leaves: list[torch.Tensor], mode: s
         guard=_torch.compile_shape_guards(guards) if guards else None,
         inlined=dict(seen["closure"].inlined),
         folded=folded,
+        constant_bytes=constant_bytes,
         mutates=any(_mutates(node) for node in module.graph.nodes),
     )
 
@@ -474,6 +481,7 @@ class GraphBackend(DecompositionInterface):
         self._lock = threading.Lock()
         self._cache: OrderedDict[Any, list[_Traced]] = OrderedDict()
         self._size = 0
+        self._bytes = 0
         self._hits = 0
         self._misses = 0
         self.configure(cache_size=cache_size, tracing_mode=tracing_mode)
@@ -552,11 +560,16 @@ class GraphBackend(DecompositionInterface):
     def _clear(self) -> None:
         self._cache.clear()
         self._size = 0
+        self._bytes = 0
 
     def _evict(self) -> None:
-        while self._size > self.cache_size and self._cache:
+        """Least recently used first, down to the bound and the constants' budget (never the newest)."""
+        while self._cache and (
+            self._size > self.cache_size or (self._bytes > CONSTANT_BUDGET_BYTES and len(self._cache) > 1)
+        ):
             _, group = self._cache.popitem(last=False)
             self._size -= len(group)
+            self._bytes -= sum(t.constant_bytes for t in group)
 
     def _find(self, key: Any, leaves: list[torch.Tensor]) -> _Traced | None:
         group = self._cache.get(key)
@@ -583,10 +596,12 @@ class GraphBackend(DecompositionInterface):
             group = self._cache.setdefault(key, [])
             if traced.guard is None:  # serves every call with this key: replaces what is there
                 self._size -= len(group)
+                self._bytes -= sum(t.constant_bytes for t in group)
                 group.clear()
             group.insert(0, traced)
             self._cache.move_to_end(key)
             self._size += 1
+            self._bytes += traced.constant_bytes
             self._evict()
 
     # tracing and running ------------------------------------------------------------------
