@@ -579,3 +579,26 @@ def test_audit_closure_reports_the_open_path(capsys):
     assert rows["aten::cholesky"]["verdict"] == "open"
     assert rows["aten::cholesky"]["detail"].startswith(f"aten::cholesky -> {OPAQUE}:")
     assert rows["aten::_pdist_forward"]["verdict"] == "closed"
+
+
+def test_readme_backends_example_prints_what_it_says():
+    import contextlib
+    import io
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Backends\n", 1)[1].split("\n## ", 1)[0]
+    program = re.findall(r"```python\n(.*?)```", section, flags=re.S)[0]
+    printed = re.findall(r"```\n(aten::.*?)```", section, flags=re.S)[0]
+    program = program.replace("graph.cache_info()", "print(graph.cache_info())", 1)
+    graph.cache_clear()
+    output = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(output):
+            exec(compile(program, "README.md", "exec"), {})
+    finally:
+        graph.configure(cache_size=256, tracing_mode="fake")
+    cache_line, *explanation = output.getvalue().splitlines()
+    assert cache_line == re.search(r"# (CacheInfo\(.*\))", program).group(1)
+    assert "\n".join(explanation) == printed.rstrip("\n")
