@@ -47,17 +47,18 @@ Design decisions (what is traced, and when the graph is not used):
   tangents in a later call, and at every nesting level of forward AD (an
   outer ``jvp``'s tangent may sit on an input the inner one leaves alone);
   and the signature need not ask each input for its tangent (about as costly
-  as the rest of the key). An operator that fwdecomp routes
-  (registered decomposition, no native formula) is inlined by tracing its
-  own decomposition, recursively; an operator forward AD cannot get through
+  as the rest of the key). An operator that fwdecomp routes to a registered
+  decomposition is inlined by tracing that decomposition, recursively; one
+  with a JVP rule stays a node; an operator forward AD cannot get through
   raises :class:`~fwdecomp.closure.ClosureError` naming the path
   (``aten::_ctc_loss -> aten::foo``) before any JVP runs. The verdict is
   cached with the signature.
 - **The signature** (the cache key) is the operator and, per tensor
   argument, its dtype, device, shape and strides (``"fake"``) or rank
   (``"symbolic"``, where the shape guards the tracer recorded decide which
-  cached graph fits); non-tensor arguments by type and value (they are constants of the
-  graph). Strides are part of it because a traced ``reshape`` becomes a
+  cached graph fits); non-tensor arguments by type and value (they are
+  constants of the graph); the default dtype (factory calls without a dtype
+  bake it in). Strides are part of it because a traced ``reshape`` becomes a
   ``view`` or a copy depending on them. The cache is a bounded LRU
   (:func:`configure`), thread-safe; :func:`cache_info`, :func:`cache_clear`.
   Registering or removing any decomposition or JVP rule clears it.
@@ -75,14 +76,15 @@ Design decisions (what is traced, and when the graph is not used):
   run time autocast treats the graph's operators as it treats the eager
   decomposition's.
 - **Contract checks** (shapes and dtypes against PyTorch's kernel,
-  :mod:`fwdecomp.contract`) run once, on the first call of a signature.
+  :mod:`fwdecomp.contract`) run once per graph, on its first call (with
+  symbolic shapes, later calls with other shapes are not checked).
 - **Run-time simplifications**: dead code is dropped, and subgraphs that do
   not depend on the inputs (index tables such as ``triu_indices``, masks,
   scalar constants) are computed once when the graph is built and stored
   with it (up to 16 MiB per tensor and 512 MiB for the whole cache, beyond
   which the least recently used graphs are dropped; not in graphs that
-  mutate tensors, and never a value the graph returns). Random operators are kept and re-run.
-  Binary arithmetic with a Python number calls the operator's ``.Scalar``
+  mutate tensors, and never a value the graph returns). Random operators are
+  kept and re-run. Binary arithmetic with a Python number calls the operator's ``.Scalar``
   overload (same kernel, same values): under forward AD the ``.Tensor``
   overload gives the number a zero tangent whose arithmetic is 40-70x slower
   in PyTorch 2.13 (README, "Backends").
