@@ -177,11 +177,28 @@ _METHODS: dict[str, Callable[..., tuple[torch.Tensor, ...]]] = {
 }
 
 
-def _reverse_differentiable(f, primals) -> list[bool]:
-    """Which outputs reverse mode differentiates (PyTorch marks some, e.g. logsumexp, as not)."""
+def _refuses_grad(error: BaseException) -> bool:
+    """PyTorch's error for an operator it cannot even run on inputs that require grad.
+
+    Operators without any derivative formula whose outputs include integer
+    tensors (e.g. ``_embedding_bag_forward_only``) fail that way.
+    """
+    return isinstance(error, RuntimeError) and "Autograd not support dtype" in str(error)
+
+
+def _reverse_differentiable(f, primals) -> list[bool] | None:
+    """Which outputs reverse mode differentiates (PyTorch marks some, e.g. logsumexp, as not).
+
+    ``None`` where PyTorch refuses to run the operator on inputs that require grad.
+    """
     leaves = [p.detach().requires_grad_() for p in primals]
     with torch.enable_grad():
-        return [out.requires_grad for out in f(*leaves)]
+        try:
+            return [out.requires_grad for out in f(*leaves)]
+        except RuntimeError as error:
+            if _refuses_grad(error):
+                return None
+            raise
 
 
 def _tolerance(dtype: torch.dtype) -> tuple[float, float]:
@@ -193,6 +210,14 @@ def _tolerance(dtype: torch.dtype) -> tuple[float, float]:
 
 
 def _error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Largest error relative to ``1 + max |want|``, over the entries where ``want`` is finite.
+
+    Finite differences are NaN where the output itself is infinite (e.g. a
+    log-probability of an impossible event): no tangent can be compared there.
+    """
+    finite = torch.isfinite(want)
+    if not bool(finite.all()):
+        got, want = got[finite], want[finite]
     if got.numel() == 0:
         return 0.0
     got = got.to(want.dtype)
@@ -220,9 +245,12 @@ def check_sample(
     for method in methods:
         if method in ("jacfwd", "reverse") and empty:
             continue  # no basis vectors to batch over; forward_ad and func.jvp cover these
-        compare = [True] * len(reference)
+        compare: list[bool] | None = [True] * len(reference)
         if method == "reverse":
             compare = _reverse_differentiable(f, primals)
+            if compare is None:
+                report.skipped[method] = "PyTorch cannot run this operator on inputs that require grad"
+                continue
         try:
             got = _METHODS[method](f, primals, tangents)
         except Exception as error:  # a check reports, it does not stop the audit
@@ -266,9 +294,16 @@ def gradcheck_sample(op: Callable[..., Any], sample: Sample, batched: bool = Tru
     def g(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(out for out, k in zip(f(*tensors), keep) if k)
 
+    def forward_only(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        # The operator runs on inputs that do not require grad (forward-AD duals pass through);
+        # a zero anchor makes its outputs require grad, as gradcheck expects.
+        plain = [t.detach() if t.requires_grad else t for t in tensors]
+        anchor = sum(t.sum() * 0 for t in tensors if t.requires_grad)
+        return tuple(out + anchor for out in f(*plain))
+
     def run(backward: bool) -> bool:
         return torch.autograd.gradcheck(
-            g,
+            g if keep is not None else forward_only,
             tuple(primals),
             check_forward_ad=True,
             check_backward_ad=backward,
@@ -277,6 +312,8 @@ def gradcheck_sample(op: Callable[..., Any], sample: Sample, batched: bool = Tru
             fast_mode=fast_mode,
         )
 
+    if keep is None:  # PyTorch has no reverse mode at all for this operator
+        return run(backward=False)
     try:
         return run(backward=True)
     except Exception as error:

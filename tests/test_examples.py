@@ -8,11 +8,7 @@ import re
 import subprocess
 import sys
 
-import pytest
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SAMPLING = "grid_sampler decomposition lands with branch sampling"
-EMBEDDING_BAG = "embedding_bag decomposition lands with branch sampling"
 
 
 @functools.cache
@@ -56,7 +52,6 @@ def test_hessian_vector_products_grid_sample_without_fwdecomp():
     assert "[grid_sample] PyTorch alone:  NotImplementedError: Trying to use forward AD with grid_sampler_2d" in out
 
 
-@pytest.mark.xfail(strict=True, reason=SAMPLING)
 def test_hessian_vector_products_grid_sample_with_fwdecomp():
     result = run_example("hessian_vector_products")
     assert _number(r"\[grid_sample\] with fwdecomp:  HVP matches .*relative error ([0-9.e+-]+)", result.stdout) < 1e-6
@@ -69,7 +64,6 @@ def test_ntk_embedding_bag_without_fwdecomp():
     assert "[ntk] PyTorch alone:  NotImplementedError: Trying to use forward AD with _embedding_bag" in out
 
 
-@pytest.mark.xfail(strict=True, reason=EMBEDDING_BAG)
 def test_ntk_embedding_bag_with_fwdecomp():
     result = run_example("ntk_embedding_bag")
     assert _number(r"NTK from jacfwd matches the NTK from jacrev \(relative error ([0-9.e+-]+)", result.stdout) < 1e-10
