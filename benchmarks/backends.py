@@ -97,6 +97,50 @@ def _attention_backward(device: str, dtype: torch.dtype) -> Sample:
     return Sample((grad, q, k, v, out, lse, dropout_p, causal), note="4x8x256x64 causal")
 
 
+def _embedding_bag(device: str, dtype: torch.dtype) -> Sample:
+    gen = torch.Generator(device=device).manual_seed(0)
+    weight = _randn(gen, device, dtype, 10000, 64)
+    indices = torch.randint(0, 10000, (4096,), device=device, generator=gen)
+    offsets = torch.arange(0, 4096, 16, device=device)
+    return Sample((weight, indices, offsets, False, 0), note="10000x64, 256 bags of 16")
+
+
+def _ctc(device: str, dtype: torch.dtype, tensor_lengths: bool = False) -> Sample:
+    gen = torch.Generator(device=device).manual_seed(0)
+    log_probs = _randn(gen, device, dtype, 50, 16, 20).log_softmax(-1)
+    targets = torch.randint(1, 20, (16, 10), device=device, generator=gen)
+    inputs = [50] * 16
+    lengths = torch.randint(5, 11, (16,), generator=torch.Generator().manual_seed(1)).tolist()
+    if tensor_lengths:
+        inputs, lengths = torch.tensor(inputs, device=device), torch.tensor(lengths, device=device)
+    return Sample((log_probs, targets, inputs, lengths), note="T=50, B=16, C=20, S<=10")
+
+
+def _grid_2d(device: str, dtype: torch.dtype) -> Sample:
+    gen = torch.Generator(device=device).manual_seed(0)
+    grid = torch.rand((4, 64, 64, 2), dtype=dtype, device=device, generator=gen) * 2 - 1
+    return Sample((_randn(gen, device, dtype, 4, 8, 64, 64), grid, 0, 0, False), note="4x8x64x64, bilinear")
+
+
+def _grid_3d(device: str, dtype: torch.dtype) -> Sample:
+    gen = torch.Generator(device=device).manual_seed(0)
+    grid = torch.rand((2, 16, 16, 16, 3), dtype=dtype, device=device, generator=gen) * 2 - 1
+    return Sample((_randn(gen, device, dtype, 2, 4, 16, 16, 16), grid, 0, 0, False), note="2x4x16^3, trilinear")
+
+
+def _multi_margin(device: str, dtype: torch.dtype) -> Sample:
+    gen = torch.Generator(device=device).manual_seed(0)
+    target = torch.randint(0, 100, (256,), device=device, generator=gen)
+    return Sample((_randn(gen, device, dtype, 256, 100), target), note="256x100")
+
+
+def _multilabel_margin(device: str, dtype: torch.dtype) -> Sample:
+    gen = torch.Generator(device=device).manual_seed(0)
+    target = torch.randint(0, 100, (256, 100), device=device, generator=gen)
+    target[:, 5:] = -1  # five labels per row
+    return Sample((_randn(gen, device, dtype, 256, 100), target, 1), note="256x100, 5 labels")
+
+
 #: Realistic sizes, per operator. An operator without an entry uses its largest sample.
 REALISTIC: dict[str, Callable[[str, torch.dtype], Sample]] = {
     "aten::_cdist_forward": _cdist,
@@ -107,6 +151,14 @@ REALISTIC: dict[str, Callable[[str, torch.dtype], Sample]] = {
     "aten::cholesky": _cholesky,
     "aten::_scaled_dot_product_flash_attention_for_cpu": _attention,
     "aten::_scaled_dot_product_flash_attention_for_cpu_backward": _attention_backward,
+    "aten::_embedding_bag": _embedding_bag,
+    "aten::_embedding_bag_forward_only": _embedding_bag,
+    "aten::_ctc_loss": _ctc,
+    "aten::_ctc_loss.Tensor": lambda device, dtype: _ctc(device, dtype, tensor_lengths=True),
+    "aten::grid_sampler_2d": _grid_2d,
+    "aten::grid_sampler_3d": _grid_3d,
+    "aten::multi_margin_loss": _multi_margin,
+    "aten::multilabel_margin_loss_forward": _multilabel_margin,
 }
 
 

@@ -146,6 +146,11 @@ def autocast_disabled(device_types: Any) -> Any:
     return stack
 
 
+def operator_callable(op: OpOverload) -> Any:
+    """The C++ callable behind ``op(...)``: the same call without ``OpOverload.__call__``'s Python frame."""
+    return getattr(op, "_op", op)
+
+
 def storage_key(tensor: torch.Tensor) -> int:
     """An identity shared by all tensors viewing the same storage (fake tensors included)."""
     return tensor.untyped_storage()._cdata

@@ -250,3 +250,9 @@ def test_definition_entry_points():
     assert _torch.library_impl_key(lib, "AutogradCPU") == "AutogradCPU"
     assert _torch.library_impl_key(torch.library.Library("fwdecomp_internals", "IMPL", "CPU"), "") == "CPU"
     lib._destroy()
+
+
+def test_operator_callable():
+    call = _torch.operator_callable(aten.add.Tensor)
+    x = torch.randn(3)
+    assert call is not aten.add.Tensor and torch.equal(call(x, x, alpha=2), aten.add.Tensor(x, x, alpha=2))

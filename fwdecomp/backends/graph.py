@@ -413,6 +413,67 @@ def _fold_constants(module: torch.fx.GraphModule) -> tuple[int, int]:
     return count, sum(storages.values())
 
 
+def _compile(module: torch.fx.GraphModule) -> Callable[..., Any]:
+    """A Python function that runs ``module``'s graph, for the hot path.
+
+    ``module.forward`` (fx's code) reaches each operator through
+    ``torch.ops.aten.<name>.<overload>`` and ``OpOverload.__call__``; this
+    function calls the operators' C++ callables bound as globals, releasing
+    each intermediate value after its last use as fx's code does. It runs the
+    same operators with the same arguments.
+    """
+    names: dict[torch.fx.Node, str] = {}
+    bound: dict[str, Any] = {}
+
+    def bind(value: Any) -> str:
+        name = f"_g{len(bound)}"
+        bound[name] = value
+        return name
+
+    def render(arg: Any) -> str:
+        if isinstance(arg, torch.fx.Node):
+            return names[arg]
+        if isinstance(arg, list):
+            return "[" + "".join(f"{render(a)}, " for a in arg) + "]"
+        if isinstance(arg, tuple):
+            return "(" + "".join(f"{render(a)}, " for a in arg) + ")"
+        if arg is None or type(arg) in (bool, int, str):
+            return repr(arg)
+        return bind(arg)  # floats (inf, nan), dtypes, devices, layouts, ...
+
+    last_use: dict[torch.fx.Node, torch.fx.Node] = {}
+    for node in module.graph.nodes:
+        for used in node.all_input_nodes:
+            last_use[used] = node
+    releases: dict[torch.fx.Node, list[str]] = {}
+    parameters, lines = [], []
+    for node in module.graph.nodes:
+        name = names[node] = f"v{len(names)}"
+        if node.op == "placeholder":
+            parameters.append(name)
+        elif node.op == "get_attr":
+            lines.append(f"{name} = {bind(getattr(module, node.target))}")
+        elif node.op == "call_function":
+            target = _torch.operator_callable(node.target) if isinstance(node.target, OpOverload) else node.target
+            arguments = [render(a) for a in node.args] + [f"{k}={render(v)}" for k, v in node.kwargs.items()]
+            lines.append(f"{name} = {bind(target)}({', '.join(arguments)})")
+        elif node.op == "output":
+            lines.append(f"return {render(node.args[0])}")
+            continue
+        else:  # pragma: no cover - make_fx emits no call_module / call_method
+            raise NotImplementedError(f"fwdecomp: cannot compile graph node {node.format_node()}")
+        for used in node.all_input_nodes:
+            if last_use[used] is node:
+                releases.setdefault(node, []).append(names[used])
+        if not node.users:
+            lines.append(f"{name} = None")
+        lines += [f"{released} = None" for released in releases.get(node, [])]
+    source = f"def run({', '.join(parameters)}):\n" + "".join(f"    {line}\n" for line in lines)
+    namespace = dict(bound)
+    exec(compile(source, f"<fwdecomp graph of {module.__class__.__name__}>", "exec"), namespace)
+    return namespace["run"]
+
+
 def _trace(op: OpOverload, stack: list[Any], leaves: list[torch.Tensor], mode: str) -> _Traced:
     """Trace ``op``'s decomposition for this call; raises ClosureError, or whatever tracing hit."""
     schema = schema_of(op)
@@ -447,7 +508,7 @@ def _trace(op: OpOverload, stack: list[Any], leaves: list[torch.Tensor], mode: s
         _describe_call(op, stack),
         "graph",
         graph=module,
-        forward=module.forward,
+        forward=_compile(module),
         guards=guards,
         guard=_torch.compile_shape_guards(guards) if guards else None,
         inlined=dict(seen["closure"].inlined),
