@@ -133,9 +133,7 @@ def without_dispatch_modes() -> Any:
 
 def dispatch_modes_active() -> bool:
     """Whether any ``TorchDispatchMode`` is active (a user's mode, or a tracer such as make_fx)."""
-    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
-
-    return bool(_get_current_dispatch_mode_stack())
+    return torch._C._len_torch_dispatch_stack() > 0
 
 
 def autocast_disabled(device_types: Any) -> Any:

@@ -163,11 +163,17 @@ def _graph_can_run(op: OpOverload) -> bool:
 
     Anything else fwdecomp does for an operator stays on the eager path; a JVP
     rule (which wins over a decomposition, as in the eager backend) is a
-    function of tangents, not a traceable decomposition.
+    function of tangents, not a traceable decomposition. (Memoised until the
+    next registry change.)
     """
-    if jvp_rules.lookup(op) is not None or jvp_rules.lookup_schema(schema_of(op)) is not None:
-        return False
-    return registry.lookup(op) is not None
+    known = _can_run.get(op)
+    if known is None:
+        has_rule = jvp_rules.lookup(op) is not None or jvp_rules.lookup_schema(schema_of(op)) is not None
+        known = _can_run[op] = not has_rule and registry.lookup(op) is not None
+    return known
+
+
+_can_run: dict[OpOverload, bool] = {}
 
 
 # --- signatures ---------------------------------------------------------------
@@ -200,8 +206,17 @@ def _signature(op: OpOverload, stack: list[Any], symbolic: bool) -> tuple[Any, l
     The default dtype is part of it: factory calls without a dtype bake it into the graph.
     """
     leaves: list[torch.Tensor] = []
-    parts = tuple(_signature_part(v, leaves, symbolic) for v in stack)
-    return (op, torch.get_default_dtype(), parts), leaves
+    parts: list[Any] = [op, torch.get_default_dtype()]
+    for value in stack:  # the common cases inline: this runs on every call
+        kind = type(value)
+        if kind is torch.Tensor and not symbolic and value.layout is torch.strided:
+            leaves.append(value)
+            parts.append((value.dtype, value.device, value.shape, value.stride()))
+        elif kind is bool or kind is int or value is None:
+            parts.append((kind, value))
+        else:
+            parts.append(_signature_part(value, leaves, symbolic))
+    return tuple(parts), leaves
 
 
 def _differentiable(tensor: torch.Tensor) -> bool:
@@ -645,6 +660,11 @@ class GraphBackend(DecompositionInterface):
 
     def _lookup(self, key: Any, leaves: list[torch.Tensor]) -> _Traced | None:
         with self._lock:
+            group = self._cache.get(key)
+            if group is not None and len(group) == 1 and group[0].guard is None:  # the usual case
+                self._cache.move_to_end(key)
+                self._hits += 1
+                return group[0]
             traced = self._find(key, leaves)
             if traced is None:
                 self._misses += 1
@@ -748,6 +768,7 @@ def _on_registry_change(event: str, op: OpOverload) -> None:
     # A graph may have inlined any decomposition: a change anywhere invalidates all of them.
     global _generation
     _generation += 1
+    _can_run.clear()
     for backend in list(_instances):
         backend.invalidate()
 
