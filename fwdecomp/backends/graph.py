@@ -894,7 +894,7 @@ class ClosureRow:
     """One operator's closure verdict over its samples."""
 
     name: str
-    verdict: str  # "closed" | "open" | "eager" | "no samples"
+    verdict: str  # "closed" | "mixed" (eager on some samples) | "eager" | "open" | "no samples"
     samples: int = 0
     nodes: int = 0
     inlined: list[str] = field(default_factory=list)
@@ -926,7 +926,8 @@ def check_closure(op: OpOverload, limit: int | None = None) -> ClosureRow:
         row.nodes = max(row.nodes, sum(n.op == "call_function" for n in traced.graph.graph.nodes))
         row.inlined = sorted(set(row.inlined) | set(traced.inlined))
     if eager_reasons:
-        row.verdict, row.detail = "eager", "; ".join(eager_reasons)
+        row.verdict = "mixed" if len(eager_reasons) < row.samples else "eager"
+        row.detail = "; ".join(eager_reasons)
     elif row.samples:
         row.verdict = "closed"
     return row
@@ -946,10 +947,11 @@ def _closure_view(args: argparse.Namespace) -> int:
         text.insert(1, "  ".join("-" * w for w in widths))
         text += [f"{r.verdict.upper()} {r.name}: {r.detail}" for r in rows if r.detail]
         print("\n".join(text))
-        counts = {v: sum(r.verdict == v for r in rows) for v in ("closed", "open", "eager", "no samples")}
+        counts = {v: sum(r.verdict == v for r in rows) for v in ("closed", "mixed", "eager", "open", "no samples")}
         print(
-            f"\n{len(rows)} decompositions: {counts['closed']} closed, {counts['open']} open, "
-            f"{counts['eager']} not traceable on some sample (run eagerly), {counts['no samples']} without samples"
+            f"\n{len(rows)} decompositions: {counts['closed']} closed, {counts['open']} open; "
+            f"{counts['mixed']} traced on some samples and run eagerly on others (data-dependent), "
+            f"{counts['eager']} run eagerly on all; {counts['no samples']} without samples"
         )
     return 1 if any(r.verdict == "open" for r in rows) else 0
 
