@@ -14,14 +14,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--run-slow", action="store_true", help="run the full (slow) sweeps too")
 
 
-def _graph_float32_sample(item: pytest.Item) -> bool:
-    """The graph backend's run of a float32 decomposition sample: in CI its equivalence with the
-    eager backend (tests/test_graph_backend.py) stands for it; the full sweep runs with --run-slow."""
+def _graph_sweep_only(item: pytest.Item) -> bool:
+    """Graph-backend runs of tests/test_decompositions.py left to --run-slow: the float32 samples and
+    the gradchecks. In CI the graph backend's bitwise equivalence with the eager backend on every
+    sample (tests/test_graph_backend.py) stands for them; its float64 samples run every JVP method
+    (forward AD, jvp, jacfwd, reverse) against finite differences."""
     params = getattr(getattr(item, "callspec", None), "params", {})
     return (
         item.module.__name__ == "test_decompositions"
         and params.get("backend") == "graph"
-        and params.get("dtype") == torch.float32
+        and (params.get("dtype") == torch.float32 or item.name.startswith("test_gradcheck"))
     )
 
 
@@ -30,7 +32,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return
     skip = pytest.mark.skip(reason="slow sweep: run with --run-slow or FWDECOMP_SLOW=1")
     for item in items:
-        if "slow" in item.keywords or _graph_float32_sample(item):
+        if "slow" in item.keywords or _graph_sweep_only(item):
             item.add_marker(skip)
 
 
