@@ -38,9 +38,16 @@ from fwdecomp.registry import (
 # tests/test_interface.py) still imports, and the autograd side then raises a
 # clear error instead of failing at import time.
 try:
+    from fwdecomp.backends import current_backend, use_backend
     from fwdecomp.backends import eager as _eager_backend
 except ImportError:  # pragma: no cover - exercised in a subprocess test
     _eager_backend = None
+# The graph backend is imported (for explain() and `audit --closure`), not
+# installed: fwdecomp.use_backend("graph") installs it.
+try:
+    from fwdecomp.backends.graph import explain
+except ImportError:  # pragma: no cover - exercised in a subprocess test
+    pass
 try:
     from fwdecomp import decompositions
 except ImportError:  # pragma: no cover - exercised in a subprocess test
@@ -61,10 +68,12 @@ __all__ = [
     "UnknownOperatorError",
     "audit",
     "covered_operators",
+    "current_backend",
     "decompositions",
     "disable",
     "enable",
     "enabled",
+    "explain",
     "get_impl",
     "is_enabled",
     "is_strict",
@@ -77,4 +86,5 @@ __all__ = [
     "set_impl",
     "unregister_decomposition",
     "unregister_jvp",
+    "use_backend",
 ]

@@ -6,6 +6,7 @@ upgrade that changes one of them fails loudly there, not deep inside a JVP.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from typing import Any
@@ -87,6 +88,118 @@ def derivatives_yaml_path() -> str | None:
 def all_operator_names() -> list[str]:
     """Qualified names of every operator the dispatcher knows."""
     return list(torch._C._dispatch_get_all_op_names())
+
+
+# --- tracing (the graph backend) ---------------------------------------------
+
+
+def make_fx(fn: Any, tracing_mode: str) -> Any:
+    """``torch.fx.experimental.proxy_tensor.make_fx``; real tensors captured by the function become constants."""
+    from torch.fx.experimental.proxy_tensor import make_fx as _make_fx
+
+    return _make_fx(fn, tracing_mode=tracing_mode, _allow_non_fake_inputs=True)
+
+
+def fake_mode() -> Any:
+    """A fresh ``FakeTensorMode`` without a shape environment: any data-dependent operation raises.
+
+    Tensors created inside it have metadata and no data; ``make_fx(tracing_mode="fake")``
+    uses the mode of the fake tensors it is given. Real tensors an operation meets
+    (module-level constants) are converted. (Creating the first one imports ``torch._dynamo``.)
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    return FakeTensorMode(allow_non_fake_inputs=True)
+
+
+def below_autograd() -> Any:
+    """Dispatch below the autograd keys, as a kernel's redispatch does (no autograd kernel runs)."""
+    return torch._C._AutoDispatchBelowAutograd()
+
+
+def outside_functorch() -> Any:
+    """Run with functorch's transform stack (vmap, jvp, grad levels) set aside, restored on exit."""
+    from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
+
+    return temporarily_clear_interpreter_stack()
+
+
+def without_dispatch_modes() -> Any:
+    """Run with every active ``TorchDispatchMode`` (fake and proxy tracing modes included) set aside."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    return _disable_current_modes()
+
+
+def dispatch_modes_active() -> bool:
+    """Whether any ``TorchDispatchMode`` is active (a user's mode, or a tracer such as make_fx)."""
+    return torch._C._len_torch_dispatch_stack() > 0
+
+
+def autocast_disabled(device_types: Any) -> Any:
+    """A context with autocast off for these device types (``meta`` has none)."""
+    stack = contextlib.ExitStack()
+    for device_type in sorted(set(device_types) - {"meta"}):
+        stack.enter_context(torch.autocast(device_type, enabled=False))
+    return stack
+
+
+def operator_callable(op: OpOverload) -> Any:
+    """The C++ callable behind ``op(...)``: the same call without ``OpOverload.__call__``'s Python frame."""
+    return getattr(op, "_op", op)
+
+
+def storage_key(tensor: torch.Tensor) -> int:
+    """An identity shared by all tensors viewing the same storage (fake tensors included)."""
+    return tensor.untyped_storage()._cdata
+
+
+def autograd_would_decompose(op: OpOverload, tensors: Any) -> bool:
+    """Whether autograd runs ``op``'s CompositeImplicitAutograd kernel for inputs on these devices.
+
+    It does unless the op also has a kernel for an input's backend key; this is
+    the rule PyTorch's own tracer applies below autograd.
+    """
+    name = qualified_name(op)
+    if not torch._C._dispatch_has_kernel(name):  # TorchScript-only operators such as prim::device
+        return False
+    if not is_composite_implicit(op):
+        return False
+    for tensor in tensors:
+        key = torch._C._dispatch_key_for_device(tensor.device.type)
+        if torch._C._dispatch_has_kernel_for_dispatch_key(name, key):
+            return False
+    return True
+
+
+def shape_guards(placeholders: list[Any]) -> str | None:
+    """Every assumption a symbolic trace made about its inputs' sizes and strides, as an expression."""
+    fake = next((p for p in placeholders if isinstance(p, torch.Tensor)), None)
+    if fake is None:
+        return None
+    return fake.fake_mode.shape_env.produce_guards_expression(placeholders, ignore_static=False)
+
+
+def compile_shape_guards(expression: str) -> Any:
+    """``check(tensors) -> bool`` for an expression from :func:`shape_guards`."""
+    from torch.fx.experimental.symbolic_shapes import SYMPY_INTERP
+
+    code = compile(expression, "<fwdecomp shape guards>", "eval")
+    names = SYMPY_INTERP
+
+    def check(tensors: list[Any]) -> bool:
+        return bool(eval(code, names, {"L": {f"t{i}": t for i, t in enumerate(tensors)}}))
+
+    return check
+
+
+def autograd_codegen_path() -> str | None:
+    """Path of the ``gen_variable_type.py`` that generated the running PyTorch's autograd kernels."""
+    path = derivatives_yaml_path()
+    if path is None:
+        return None
+    candidate = os.path.join(os.path.dirname(path), "gen_variable_type.py")
+    return candidate if os.path.isfile(candidate) else None
 
 
 # --- used by fwdecomp.model_audit ---------------------------------------------

@@ -15,6 +15,8 @@ import fwdecomp
 from fwdecomp import _torch
 from fwdecomp.checks import ALL_METHODS, check_sample, gradcheck_sample
 
+pytestmark = pytest.mark.usefixtures("backend")  # every test once per backend (tests/conftest.py)
+
 
 def _cases():
     for op in fwdecomp.registry.operators():

@@ -71,6 +71,75 @@ def test_derivatives_yaml_is_shipped():
         assert "- name: _cdist_forward(" in handle.read()
 
 
+# --- the graph backend's tracing helpers ---------------------------------------------------
+
+
+def test_make_fx_on_fake_tensors_and_shape_guards():
+    fake = _torch.fake_mode()
+    with fake:
+        x = torch.empty_strided((4, 3), (3, 1))
+
+    def f(a):
+        return (a * 2).sum(0) + torch.ones(3)
+
+    gm = _torch.make_fx(f, "fake")(x)
+    assert [n.target for n in gm.graph.nodes if n.op == "call_function"] == [
+        aten.mul.Tensor,
+        aten.sum.dim_IntList,
+        aten.ones.default,
+        aten.add.Tensor,
+    ]
+    assert torch.equal(gm(torch.ones(4, 3)), torch.full((3,), 9.0))
+    symbolic = _torch.make_fx(lambda a: a.reshape(-1) if a.shape[0] > 2 else a, "symbolic")(torch.empty(4, 3))
+    placeholders = [n.meta["val"] for n in symbolic.graph.nodes if n.op == "placeholder"]
+    guards = _torch.shape_guards(placeholders)
+    check = _torch.compile_shape_guards(guards)
+    assert check([torch.empty(5, 3)]) and not check([torch.empty(2, 3)]) and not check([torch.empty(5, 3).mT])
+
+
+def test_dispatch_below_autograd_outside_functorch_without_modes():
+    x = torch.randn(3, requires_grad=True)
+    with _torch.below_autograd():
+        assert (x * 2).grad_fn is None
+    assert (x * 2).grad_fn is not None
+
+    def inside(v):
+        with _torch.outside_functorch():
+            assert not torch._C._functorch.is_batchedtensor(torch.ones(2) + 1)
+            plain = torch._C._functorch.peek_interpreter_stack() is None
+        return v * plain
+
+    torch.func.vmap(inside)(torch.ones(2, 3))
+    fake = _torch.fake_mode()
+    with fake:
+        assert _torch.dispatch_modes_active()
+        with _torch.without_dispatch_modes():
+            assert not _torch.dispatch_modes_active() and type(torch.ones(1)) is torch.Tensor
+    assert not _torch.dispatch_modes_active()
+
+
+def test_storage_key_and_composite_rule():
+    x = torch.randn(4, 3)
+    assert _torch.storage_key(x) == _torch.storage_key(x.t()) != _torch.storage_key(x.clone())
+    assert _torch.autograd_would_decompose(aten.matmul.default, [x])
+    assert not _torch.autograd_would_decompose(aten.mm.default, [x])
+    assert not _torch.autograd_would_decompose(torch.ops.prim.device.default, [x])  # TorchScript-only
+
+
+def test_autocast_disabled():
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with _torch.autocast_disabled({"cpu", "meta"}):
+            assert not torch.is_autocast_enabled("cpu")
+        assert torch.is_autocast_enabled("cpu")
+
+
+def test_autograd_codegen_is_shipped():
+    path = _torch.autograd_codegen_path()
+    assert path is not None and path.endswith("gen_variable_type.py")
+    with open(path, encoding="utf-8") as handle:
+        assert "DONT_REQUIRE_DERIVATIVE = {" in handle.read()
+
+
 def test_dispatch_mode_sees_operators_below_autograd_with_their_grad_flags():
     seen = []
 
@@ -196,3 +265,9 @@ def test_functorch_transforms_active():
     with forward_ad.dual_level():
         f(forward_ad.make_dual(torch.ones(2), torch.ones(2)))
     assert seen == [False, True, True, False]
+
+
+def test_operator_callable():
+    call = _torch.operator_callable(aten.add.Tensor)
+    x = torch.randn(3)
+    assert call is not aten.add.Tensor and torch.equal(call(x, x, alpha=2), aten.add.Tensor(x, x, alpha=2))

@@ -17,7 +17,7 @@ from torch.func import grad, hessian, jacfwd, jvp, vmap
 
 import fwdecomp
 
-pytestmark = pytest.mark.usefixtures("enabled")
+pytestmark = pytest.mark.usefixtures("backend", "enabled")
 f64 = torch.float64
 
 
@@ -42,8 +42,10 @@ def _spd_sym(A):
     return root @ root.mT + torch.eye(A.shape[-1], dtype=A.dtype)
 
 
-Y = randn(4, 3)
-Y30 = randn(27, 3)
+# Fixed, not drawn from the global generator: its state at import depends on what the worker imported first.
+_constants = torch.Generator().manual_seed(1)
+Y = torch.randn(4, 3, dtype=f64, generator=_constants)
+Y30 = torch.randn(27, 3, dtype=f64, generator=_constants)
 FUNCTIONS = {
     "cdist p=1": lambda x: torch.cdist(x, Y, p=1),
     "cdist p=2": lambda x: torch.cdist(x, Y),
