@@ -9,6 +9,7 @@
 #    forward AD, torch.func.jvp and reverse mode.
 # 2. benchmarks/gpu_attention.py: the fused CUDA attention operators' JVP
 #    against the math backend, then time and memory at seq 1024..16384.
+# 3. benchmarks/backends.py --device cuda: eager against graph backend.
 # Each step has its own time limit and writes its files as it goes.
 set -u
 OUT=${OUT:-gpu-out}
@@ -20,3 +21,8 @@ timeout "${AUDIT_SECONDS:-200}" "$PYTHON" benchmarks/gpu_audit.py --out "$OUT" 2
 echo "audit exit status ${PIPESTATUS[0]}"
 timeout "${ATTENTION_SECONDS:-300}" "$PYTHON" benchmarks/gpu_attention.py --out "$OUT" "$@" 2>&1 | tee "$OUT/gpu_attention.log"
 echo "attention exit status ${PIPESTATUS[0]}"
+# 3. benchmarks/backends.py on CUDA: eager against graph backend, per operator (short timings)
+timeout "${BACKENDS_SECONDS:-150}" "$PYTHON" benchmarks/backends.py --device cuda --repeats 5 --target 0.02 \
+    > "$OUT/gpu_backends.md" 2>&1
+echo "backends exit status $?"
+tail -n 60 "$OUT/gpu_backends.md"
