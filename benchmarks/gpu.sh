@@ -14,7 +14,7 @@
 set -u
 OUT=${OUT:-gpu-out}
 PYTHON=${PYTHON:-python3}
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$OUT"
 { nvidia-smi -L; "$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; } | tee "$OUT/device.txt"
 timeout "${AUDIT_SECONDS:-200}" "$PYTHON" benchmarks/gpu_audit.py --out "$OUT" 2>&1 | tee "$OUT/gpu_audit.log"

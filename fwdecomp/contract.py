@@ -43,6 +43,7 @@ __all__ = [
     "check_results",
     "check_signature",
     "describe_function",
+    "meta_agrees",
     "meta_shapes_unreliable",
     "signature_hint",
 ]
@@ -152,6 +153,19 @@ def meta_shapes_unreliable(op: OpOverload, reason: str) -> None:
     the kernel's. ``reason`` says which outputs and inputs disagree.
     """
     _unreliable_meta[op] = reason
+
+
+def meta_agrees(op: OpOverload, *args: Any, **kwargs: Any) -> bool:
+    """Whether ``op``'s meta kernel gives the shapes and dtypes its eager kernel gives for these inputs.
+
+    For probing, at import, a meta kernel known to be wrong on some PyTorch
+    versions (then declare it with :func:`meta_shapes_unreliable`).
+    """
+    with torch.no_grad():
+        eager = op(*args, **kwargs)
+        meta = op(*_to_meta(args), **{k: _to_meta(v) for k, v in kwargs.items()})
+    many = len(schema_of(op).returns) != 1
+    return [_describe(o) for o in (eager if many else [eager])] == [_describe(o) for o in (meta if many else [meta])]
 
 
 _expected_cache: OrderedDict[Any, list[Any] | None] = OrderedDict()

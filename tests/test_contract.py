@@ -46,6 +46,22 @@ def test_meta_shapes_unreliable_skips_only_the_shape_check(monkeypatch):
         check_results(op, args, {}, [3])
 
 
+@torch.library.custom_op("fwdecomp_contract_test::longer", mutates_args=())
+def _longer(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+@_longer.register_fake
+def _(x):
+    return x.new_empty(x.shape[0] + 1)  # a wrong meta kernel
+
+
+def test_meta_agrees_spots_a_meta_kernel_that_disagrees():
+    x = torch.randn(4, 3)
+    assert contract.meta_agrees(aten._pdist_forward.default, x, 2.0)
+    assert not contract.meta_agrees(torch.ops.fwdecomp_contract_test.longer.default, torch.randn(4))
+
+
 def test_error_ignores_entries_whose_reference_is_not_finite():
     want = torch.tensor([1.0, float("nan"), 2.0], dtype=torch.float64)
     assert checks._error(torch.tensor([1.0, 123.0, 2.0], dtype=torch.float64), want) == 0.0

@@ -50,7 +50,7 @@ from torch.autograd import forward_ad
 
 from fwdecomp._torch import dual_level_active, has_kernel_for_key
 from fwdecomp.attention import attention_jvp, blocks, kernel
-from fwdecomp.contract import meta_shapes_unreliable
+from fwdecomp.contract import meta_agrees, meta_shapes_unreliable
 from fwdecomp.decompositions import builtin
 from fwdecomp.registry import Sample
 
@@ -254,16 +254,9 @@ def flash_attention_for_cpu(
     )
 
 
-def _meta_lse_dtype_is_wrong() -> bool:
-    """torch 2.11's meta kernel says a float64 call returns a float32 log-sum-exp; the CPU kernel returns float64."""
-    q = torch.zeros(1, 1, 1, 1, dtype=torch.float64)
-    eager = aten._scaled_dot_product_flash_attention_for_cpu.default(q, q, q)[1].dtype
-    meta = aten._scaled_dot_product_flash_attention_for_cpu.default(*(q.to("meta"),) * 3)[1].dtype
-    return eager != meta
-
-
-if _meta_lse_dtype_is_wrong():
-    meta_shapes_unreliable(
+_PROBE = torch.zeros(1, 1, 1, 1, dtype=torch.float64)
+if not meta_agrees(aten._scaled_dot_product_flash_attention_for_cpu.default, _PROBE, _PROBE, _PROBE):
+    meta_shapes_unreliable(  # torch 2.11
         aten._scaled_dot_product_flash_attention_for_cpu.default,
         "on this torch the meta kernel gives a float32 logsumexp for float64 inputs, the CPU kernel float64",
     )

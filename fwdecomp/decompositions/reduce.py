@@ -51,6 +51,7 @@ from typing import Iterator
 
 import torch
 
+from fwdecomp.contract import meta_agrees, meta_shapes_unreliable
 from fwdecomp.decompositions import builtin
 from fwdecomp.registry import Sample
 
@@ -286,6 +287,21 @@ def _initial_value(initial, reduce: str) -> float:
     if initial is not None:
         return initial
     return 1.0 if reduce == "prod" else 0.0
+
+
+def _declare_meta_bugs() -> None:
+    """torch 2.11's meta kernels of segment_reduce do not normalise a negative ``axis``."""
+    data, offsets = torch.ones(2, 6, dtype=torch.float64), torch.tensor([[0, 3, 6], [0, 2, 6]])
+    forward = aten.segment_reduce.default
+    if not meta_agrees(forward, data, "sum", offsets=offsets, axis=-1, unsafe=True):
+        meta_shapes_unreliable(forward, "on this torch the meta kernel ignores a negative axis's normalisation")
+    output = forward(data, "sum", offsets=offsets, axis=-1, unsafe=True)
+    backward = aten._segment_reduce_backward.default
+    if not meta_agrees(backward, torch.ones_like(output), output, data, "sum", offsets=offsets, axis=-1):
+        meta_shapes_unreliable(backward, "on this torch the meta kernel ignores a negative axis's normalisation")
+
+
+_declare_meta_bugs()
 
 
 @builtin(aten.segment_reduce.default, samples=lambda device, dtype: _segment_reduce_samples(device, dtype))
