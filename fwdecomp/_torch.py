@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch.autograd import forward_ad
@@ -117,11 +117,22 @@ def below_autograd() -> Any:
     return torch._C._AutoDispatchBelowAutograd()
 
 
-def outside_functorch() -> Any:
-    """Run with functorch's transform stack (vmap, jvp, grad levels) set aside, restored on exit."""
+@contextlib.contextmanager
+def outside_functorch() -> Iterator[None]:
+    """Run with functorch's transform stack (vmap, jvp, grad levels) set aside, restored on exit.
+
+    Inside a transform the dispatcher also excludes ``PythonTLSSnapshot``; a
+    Python dispatch mode (fake tensors, ``make_fx``) entered here then trips
+    an internal assert on torch 2.11 (``tls_on_entry.has_value()``), so the
+    key is re-enabled for the duration too.
+    """
     from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
 
-    return temporarily_clear_interpreter_stack()
+    with temporarily_clear_interpreter_stack():
+        include = torch._C._dispatch_tls_local_include_set()
+        exclude = torch._C._dispatch_tls_local_exclude_set().remove(torch._C.DispatchKey.PythonTLSSnapshot)
+        with torch._C._ForceDispatchKeyGuard(include, exclude):
+            yield
 
 
 def without_dispatch_modes() -> Any:

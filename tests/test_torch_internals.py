@@ -110,6 +110,17 @@ def test_dispatch_below_autograd_outside_functorch_without_modes():
         return v * plain
 
     torch.func.vmap(inside)(torch.ones(2, 3))
+
+    def fake_inside_a_transform(v):
+        # fake tensors made inside a transform, outside functorch (torch 2.11 asserted here)
+        before = str(torch._C._dispatch_tls_local_exclude_set())
+        with _torch.outside_functorch(), _torch.fake_mode():
+            made = torch.empty_strided((2, 3), (3, 1))
+        assert tuple(made.shape) == (2, 3)
+        assert str(torch._C._dispatch_tls_local_exclude_set()) == before  # restored on exit
+        return v
+
+    torch.func.jvp(fake_inside_a_transform, (torch.ones(3),), (torch.ones(3),))
     fake = _torch.fake_mode()
     with fake:
         assert _torch.dispatch_modes_active()
