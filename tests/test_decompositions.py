@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from registry_cases import sample_cases
 from torch.autograd.gradcheck import GradcheckError
 
 import fwdecomp
@@ -18,20 +19,12 @@ from fwdecomp.checks import ALL_METHODS, check_sample, gradcheck_sample
 pytestmark = pytest.mark.usefixtures("backend")  # every test once per backend (tests/conftest.py)
 
 
-def _cases():
-    for op in fwdecomp.registry.operators():
-        entry = fwdecomp.registry.lookup(op)
-        for dtype in entry.dtypes:
-            for index, sample in enumerate(entry.samples("cpu", dtype)):
-                yield pytest.param(op, dtype, index, id=f"{op}-{str(dtype)[6:]}-{index}-{sample.note}")
-
-
 def _sample(op, dtype, index):
     entry = fwdecomp.registry.lookup(op)
     return list(entry.samples("cpu", dtype))[index]
 
 
-@pytest.mark.parametrize("op, dtype, index", list(_cases()))
+@pytest.mark.parametrize("op, dtype, index", list(sample_cases()))
 def test_tangents_match_finite_differences_and_reverse_mode(enabled, op, dtype, index):
     sample = _sample(op, dtype, index)
     report = check_sample(op, sample, methods=ALL_METHODS)
@@ -39,7 +32,7 @@ def test_tangents_match_finite_differences_and_reverse_mode(enabled, op, dtype, 
     assert "forward_ad" in report.errors  # the check really compared something
 
 
-_FLOAT64 = [c for c in _cases() if c.values[1] == torch.float64]
+_FLOAT64 = [c for c in sample_cases() if c.values[1] == torch.float64]
 
 
 @pytest.mark.parametrize("op, dtype, index", _FLOAT64)

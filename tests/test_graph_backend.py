@@ -14,6 +14,7 @@ import threading
 
 import pytest
 import torch
+from registry_cases import sample_cases
 from torch.autograd import forward_ad
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -55,14 +56,6 @@ def graph_backend(enabled):
     graph.cache_clear()
 
 
-def _cases():
-    for op in fwdecomp.registry.operators():
-        entry = fwdecomp.registry.lookup(op)
-        for dtype in entry.dtypes:
-            for index, sample in enumerate(entry.samples("cpu", dtype)):
-                yield pytest.param(op, dtype, index, id=f"{op}-{str(dtype)[6:]}-{index}-{sample.note}")
-
-
 def _jvp(op, sample):
     positions = differentiable_positions(sample)
     primals = tuple(sample.args[i] for i in positions)
@@ -71,7 +64,7 @@ def _jvp(op, sample):
     return torch.func.jvp(sample_function(op, sample, positions), primals, tangents)
 
 
-@pytest.mark.parametrize("op, dtype, index", list(_cases()))
+@pytest.mark.parametrize("op, dtype, index", list(sample_cases()))
 def test_graph_gives_the_eager_results(enabled, op, dtype, index):
     """Outputs and tangents of every sample agree with the eager backend to rounding (in fact bitwise, today)."""
     sample = list(fwdecomp.registry.lookup(op).samples("cpu", dtype))[index]
