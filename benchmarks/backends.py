@@ -5,10 +5,9 @@ and two sizes, it times ``torch.func.jvp`` of the operator on one sample,
 with fwdecomp enabled, under each backend, and prints a Markdown table.
 
 Sizes: *small* is the operator's first sample; *realistic* comes from
-``REALISTIC`` below (an entry per operator, written for the shapes that
-operator sees in practice) or, for an operator without an entry, is its
-largest sample (most input elements), marked ``(largest sample)`` in the
-table. Dtype: float32 where the decomposition supports it.
+:mod:`benchmarks.sizes` (the table ``benchmarks.ops`` uses too) or, for an
+operator without an entry, is its largest sample (most input elements),
+marked ``(largest sample)`` in the table. Dtype: float32 where the decomposition supports it.
 
 Method: each measurement is ``number`` back-to-back calls (chosen so that
 one measurement takes about ``--target`` seconds), repeated ``--repeats``
@@ -29,6 +28,7 @@ calls in the traced graph.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -36,130 +36,16 @@ from typing import Callable
 
 import torch
 
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 import fwdecomp
+from benchmarks.sizes import benchmark_sample
 from fwdecomp.backends import graph
 from fwdecomp.checks import differentiable_positions, sample_function
 from fwdecomp.registry import Sample
 
 aten = torch.ops.aten
-
-
-def _randn(gen: torch.Generator, device: str, dtype: torch.dtype, *shape: int) -> torch.Tensor:
-    return torch.randn(shape, dtype=dtype, device=device, generator=gen)
-
-
-def _cdist(device: str, dtype: torch.dtype) -> Sample:
-    gen = torch.Generator(device=device).manual_seed(0)
-    return Sample((_randn(gen, device, dtype, 256, 32), _randn(gen, device, dtype, 256, 32), 3.5, None), note="256x32")
-
-
-def _euclidean(device: str, dtype: torch.dtype) -> Sample:
-    gen = torch.Generator(device=device).manual_seed(0)
-    return Sample((_randn(gen, device, dtype, 1024, 64), _randn(gen, device, dtype, 1024, 64)), note="1024x64")
-
-
-def _cdist_backward(device: str, dtype: torch.dtype) -> Sample:
-    x1, x2, p, mode = _cdist(device, dtype).args
-    dist = aten._cdist_forward(x1, x2, p, mode)
-    gen = torch.Generator(device=device).manual_seed(1)
-    return Sample((_randn(gen, device, dtype, *dist.shape), x1, x2, p, dist), note="256x32")
-
-
-def _pdist(device: str, dtype: torch.dtype) -> Sample:
-    gen = torch.Generator(device=device).manual_seed(0)
-    return Sample((_randn(gen, device, dtype, 384, 32), 2.0), note="384x32")
-
-
-def _pdist_backward(device: str, dtype: torch.dtype) -> Sample:
-    x, p = _pdist(device, dtype).args
-    dist = aten._pdist_forward(x, p)
-    gen = torch.Generator(device=device).manual_seed(1)
-    return Sample((_randn(gen, device, dtype, *dist.shape), x, p, dist), note="384x32")
-
-
-def _cholesky(device: str, dtype: torch.dtype) -> Sample:
-    gen = torch.Generator(device=device).manual_seed(0)
-    a = _randn(gen, device, dtype, 32, 64, 64)
-    return Sample((a @ a.mT + 64 * torch.eye(64, dtype=dtype, device=device), False), note="32x64x64")
-
-
-def _attention(device: str, dtype: torch.dtype) -> Sample:
-    gen = torch.Generator(device=device).manual_seed(0)
-    q, k, v = (_randn(gen, device, dtype, 4, 8, 256, 64) for _ in range(3))
-    return Sample((q, k, v, 0.0, True), note="4x8x256x64 causal")
-
-
-def _attention_backward(device: str, dtype: torch.dtype) -> Sample:
-    q, k, v, dropout_p, causal = _attention(device, dtype).args
-    out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, dropout_p, causal)
-    gen = torch.Generator(device=device).manual_seed(1)
-    grad = _randn(gen, device, dtype, *out.shape)
-    return Sample((grad, q, k, v, out, lse, dropout_p, causal), note="4x8x256x64 causal")
-
-
-def _embedding_bag(device: str, dtype: torch.dtype) -> Sample:
-    gen = torch.Generator(device=device).manual_seed(0)
-    weight = _randn(gen, device, dtype, 10000, 64)
-    indices = torch.randint(0, 10000, (4096,), device=device, generator=gen)
-    offsets = torch.arange(0, 4096, 16, device=device)
-    return Sample((weight, indices, offsets, False, 0), note="10000x64, 256 bags of 16")
-
-
-def _ctc(device: str, dtype: torch.dtype, tensor_lengths: bool = False) -> Sample:
-    gen = torch.Generator(device=device).manual_seed(0)
-    log_probs = _randn(gen, device, dtype, 50, 16, 20).log_softmax(-1)
-    targets = torch.randint(1, 20, (16, 10), device=device, generator=gen)
-    inputs = [50] * 16
-    lengths = torch.randint(5, 11, (16,), generator=torch.Generator().manual_seed(1)).tolist()
-    if tensor_lengths:
-        inputs, lengths = torch.tensor(inputs, device=device), torch.tensor(lengths, device=device)
-    return Sample((log_probs, targets, inputs, lengths), note="T=50, B=16, C=20, S<=10")
-
-
-def _grid_2d(device: str, dtype: torch.dtype) -> Sample:
-    gen = torch.Generator(device=device).manual_seed(0)
-    grid = torch.rand((4, 64, 64, 2), dtype=dtype, device=device, generator=gen) * 2 - 1
-    return Sample((_randn(gen, device, dtype, 4, 8, 64, 64), grid, 0, 0, False), note="4x8x64x64, bilinear")
-
-
-def _grid_3d(device: str, dtype: torch.dtype) -> Sample:
-    gen = torch.Generator(device=device).manual_seed(0)
-    grid = torch.rand((2, 16, 16, 16, 3), dtype=dtype, device=device, generator=gen) * 2 - 1
-    return Sample((_randn(gen, device, dtype, 2, 4, 16, 16, 16), grid, 0, 0, False), note="2x4x16^3, trilinear")
-
-
-def _multi_margin(device: str, dtype: torch.dtype) -> Sample:
-    gen = torch.Generator(device=device).manual_seed(0)
-    target = torch.randint(0, 100, (256,), device=device, generator=gen)
-    return Sample((_randn(gen, device, dtype, 256, 100), target), note="256x100")
-
-
-def _multilabel_margin(device: str, dtype: torch.dtype) -> Sample:
-    gen = torch.Generator(device=device).manual_seed(0)
-    target = torch.randint(0, 100, (256, 100), device=device, generator=gen)
-    target[:, 5:] = -1  # five labels per row
-    return Sample((_randn(gen, device, dtype, 256, 100), target, 1), note="256x100, 5 labels")
-
-
-#: Realistic sizes, per operator. An operator without an entry uses its largest sample.
-REALISTIC: dict[str, Callable[[str, torch.dtype], Sample]] = {
-    "aten::_cdist_forward": _cdist,
-    "aten::_euclidean_dist": _euclidean,
-    "aten::_cdist_backward": _cdist_backward,
-    "aten::_pdist_forward": _pdist,
-    "aten::_pdist_backward": _pdist_backward,
-    "aten::cholesky": _cholesky,
-    "aten::_scaled_dot_product_flash_attention_for_cpu": _attention,
-    "aten::_scaled_dot_product_flash_attention_for_cpu_backward": _attention_backward,
-    "aten::_embedding_bag": _embedding_bag,
-    "aten::_embedding_bag_forward_only": _embedding_bag,
-    "aten::_ctc_loss": _ctc,
-    "aten::_ctc_loss.Tensor": lambda device, dtype: _ctc(device, dtype, tensor_lengths=True),
-    "aten::grid_sampler_2d": _grid_2d,
-    "aten::grid_sampler_3d": _grid_3d,
-    "aten::multi_margin_loss": _multi_margin,
-    "aten::multilabel_margin_loss_forward": _multilabel_margin,
-}
 
 
 def _size(sample: Sample) -> int:
@@ -176,8 +62,8 @@ def _cases(op, device: str, dtype: torch.dtype) -> list[tuple[str, Sample]]:
     name = fwdecomp.registry.lookup(op).name
     if not samples:  # e.g. the CUDA-only attention kernels on CPU
         return []
-    realistic = REALISTIC[name](device, dtype) if name in REALISTIC else max(samples, key=_size)
-    label = "realistic" if name in REALISTIC else "realistic (largest sample)"
+    realistic, how = benchmark_sample(name, entry.samples, "realistic", dtype, device)
+    label = "realistic" if how == "size table" else "realistic (largest sample)"
     return [("small", samples[0]), (label, realistic)]
 
 

@@ -1,10 +1,13 @@
 """Benchmark sizes per operator: a small and a realistic call of each.
 
 ``SIZES`` maps an operator's qualified name to ``make(size, dtype) -> Sample``
-for ``size`` in ``("small", "realistic")``. An operator without an entry is
+for ``size`` in ``("small", "realistic")``; ``REALISTIC`` maps more operators
+to ``make(device, dtype) -> Sample`` for the realistic size only (their small
+size is their largest registered sample). An operator without an entry is
 benchmarked on its largest registered sample (the one its tests use), and the
 table says so: nothing fwdecomp covers is skipped silently. Add an entry here
-when adding a decomposition.
+when adding a decomposition. ``benchmarks.ops`` and ``benchmarks.backends``
+both take their calls from :func:`benchmark_sample`.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from fwdecomp.registry import Sample, symmetrize
 
 aten = torch.ops.aten
 
-__all__ = ["SIZES", "SIZE_NAMES", "benchmark_sample"]
+__all__ = ["REALISTIC", "SIZES", "SIZE_NAMES", "benchmark_sample"]
 
 SIZE_NAMES = ("small", "realistic")
 
@@ -88,15 +91,89 @@ SIZES: dict[str, Callable[[str, torch.dtype], Sample]] = {
 }
 
 
+def _randn_on(gen: torch.Generator, device: str, dtype: torch.dtype, *shape: int) -> torch.Tensor:
+    return torch.randn(shape, dtype=dtype, device=device, generator=gen)
+
+
+def _embedding_bag(device: str, dtype: torch.dtype) -> Sample:
+    gen = torch.Generator(device=device).manual_seed(0)
+    weight = _randn_on(gen, device, dtype, 10000, 64)
+    indices = torch.randint(0, 10000, (4096,), device=device, generator=gen)
+    offsets = torch.arange(0, 4096, 16, device=device)
+    return Sample((weight, indices, offsets, False, 0), note="10000x64, 256 bags of 16")
+
+
+def _ctc(device: str, dtype: torch.dtype, tensor_lengths: bool = False) -> Sample:
+    gen = torch.Generator(device=device).manual_seed(0)
+    log_probs = _randn_on(gen, device, dtype, 50, 16, 20).log_softmax(-1)
+    targets = torch.randint(1, 20, (16, 10), device=device, generator=gen)
+    inputs = [50] * 16
+    lengths = torch.randint(5, 11, (16,), generator=torch.Generator().manual_seed(1)).tolist()
+    if tensor_lengths:
+        inputs, lengths = torch.tensor(inputs, device=device), torch.tensor(lengths, device=device)
+    return Sample((log_probs, targets, inputs, lengths), note="T=50, B=16, C=20, S<=10")
+
+
+def _grid_2d(device: str, dtype: torch.dtype) -> Sample:
+    gen = torch.Generator(device=device).manual_seed(0)
+    grid = torch.rand((4, 64, 64, 2), dtype=dtype, device=device, generator=gen) * 2 - 1
+    return Sample((_randn_on(gen, device, dtype, 4, 8, 64, 64), grid, 0, 0, False), note="4x8x64x64, bilinear")
+
+
+def _grid_3d(device: str, dtype: torch.dtype) -> Sample:
+    gen = torch.Generator(device=device).manual_seed(0)
+    grid = torch.rand((2, 16, 16, 16, 3), dtype=dtype, device=device, generator=gen) * 2 - 1
+    return Sample((_randn_on(gen, device, dtype, 2, 4, 16, 16, 16), grid, 0, 0, False), note="2x4x16^3, trilinear")
+
+
+def _multi_margin(device: str, dtype: torch.dtype) -> Sample:
+    gen = torch.Generator(device=device).manual_seed(0)
+    target = torch.randint(0, 100, (256,), device=device, generator=gen)
+    return Sample((_randn_on(gen, device, dtype, 256, 100), target), note="256x100")
+
+
+def _multilabel_margin(device: str, dtype: torch.dtype) -> Sample:
+    gen = torch.Generator(device=device).manual_seed(0)
+    target = torch.randint(0, 100, (256, 100), device=device, generator=gen)
+    target[:, 5:] = -1  # five labels per row
+    return Sample((_randn_on(gen, device, dtype, 256, 100), target, 1), note="256x100, 5 labels")
+
+
+#: Realistic calls of the operators without a ``SIZES`` entry: ``make(device, dtype)``.
+REALISTIC: dict[str, Callable[[str, torch.dtype], Sample]] = {
+    "aten::_embedding_bag": _embedding_bag,
+    "aten::_embedding_bag_forward_only": _embedding_bag,
+    "aten::_ctc_loss": _ctc,
+    "aten::_ctc_loss.Tensor": lambda device, dtype: _ctc(device, dtype, tensor_lengths=True),
+    "aten::grid_sampler_2d": _grid_2d,
+    "aten::grid_sampler_3d": _grid_3d,
+    "aten::multi_margin_loss": _multi_margin,
+    "aten::multilabel_margin_loss_forward": _multilabel_margin,
+}
+
+
 def _numel(sample: Sample) -> int:
     return sum(a.numel() for a in sample.args if isinstance(a, torch.Tensor))
 
 
-def benchmark_sample(name: str, samples: Callable[[str, torch.dtype], object] | None, size: str, dtype: torch.dtype):
+def _to(sample: Sample, device: str) -> Sample:
+    args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in sample.args)
+    return Sample(args, dict(sample.kwargs), note=sample.note, tangents=sample.tangents, prepare=sample.prepare)
+
+
+def benchmark_sample(
+    name: str,
+    samples: Callable[[str, torch.dtype], object] | None,
+    size: str,
+    dtype: torch.dtype,
+    device: str = "cpu",
+):
     """``(sample, how)``: the size-table call, else the largest registered sample (``how`` says which)."""
     if name in SIZES:
-        return SIZES[name](size, dtype), "size table"
-    registered = list(samples("cpu", dtype)) if samples is not None else []
+        return _to(SIZES[name](size, dtype), device), "size table"
+    if size == "realistic" and name in REALISTIC:
+        return REALISTIC[name](device, dtype), "size table"
+    registered = list(samples(device, dtype)) if samples is not None else []
     registered = [s for s in registered if all(not isinstance(a, torch.Tensor) or a.numel() for a in s.args)]
     if not registered:
         return None, "no size entry and no CPU sample"
