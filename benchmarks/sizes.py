@@ -12,6 +12,7 @@ both take their calls from :func:`benchmark_sample`.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import torch
@@ -158,7 +159,7 @@ def _numel(sample: Sample) -> int:
 
 def _to(sample: Sample, device: str) -> Sample:
     args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in sample.args)
-    return Sample(args, dict(sample.kwargs), note=sample.note, tangents=sample.tangents, prepare=sample.prepare)
+    return dataclasses.replace(sample, args=args)
 
 
 def benchmark_sample(

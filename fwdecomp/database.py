@@ -84,16 +84,6 @@ NOT_FIXED: dict[str, str] = {
         "its first input is a sparse CSR tensor that requires grad, and sparse tensors cannot carry "
         "forward-AD tangents in PyTorch (make_dual raises)"
     ),
-    "nn.functional.linear_cross_entropy.chunked": (
-        "forward-over-reverse only: the chunked path calls the custom operator "
-        "torch_nn::_linear_cross_entropy_batch_chunked, whose forward also returns the gradients and "
-        "whose autograd (register_autograd) has no jvp; a decomposition must give those gradient "
-        "outputs second-derivative tangents. Not written yet (forward AD alone works)"
-    ),
-    "nn.functional.linear_cross_entropy.chunked_none": (
-        "forward-over-reverse only: as nn.functional.linear_cross_entropy.chunked, for "
-        "torch_nn::_linear_cross_entropy_batch_chunked_no_reduction"
-    ),
     "normal": (
         "a PyTorch bug in a native formula: normal(mean, std)'s tangent is zeros shaped like mean, not "
         "like the broadcast output. The derivative is zero by definition (the draw is not "

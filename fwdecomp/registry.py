@@ -56,6 +56,9 @@ class Sample:
     ``prepare``, if given, maps those tensors to the values actually passed,
     inside every differentiated function (``symmetrize`` for operators that
     read one triangle of a Hermitian matrix, as PyTorch's own OpInfo tests do).
+    ``unreliable`` names JVP methods (see :data:`fwdecomp.checks.ALL_METHODS`)
+    that cannot serve as a reference for this call, each with the reason; the
+    checks skip them (and say why) instead of failing.
     """
 
     args: tuple[Any, ...]
@@ -63,6 +66,7 @@ class Sample:
     note: str = ""
     tangents: tuple[int, ...] | None = None
     prepare: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None
+    unreliable: dict[str, str] = field(default_factory=dict)
 
 
 def symmetrize(tensors: list[torch.Tensor]) -> list[torch.Tensor]:

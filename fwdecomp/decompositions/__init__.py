@@ -13,6 +13,8 @@ Importing this package registers every built-in decomposition.
   and their backward operators
 - :mod:`~fwdecomp.decompositions.reduce`: ``index_reduce``, ``segment_reduce`` and its backward operator
 - :mod:`~fwdecomp.decompositions.loss`: backward operators of ``huber_loss``, ``soft_margin_loss``, ``mse_loss``
+- :mod:`~fwdecomp.decompositions.linear_cross_entropy`: the chunked operators of ``F.linear_cross_entropy``
+  (torch >= 2.13), for forward-over-reverse
 - :mod:`~fwdecomp.decompositions.activation`: ``hardsigmoid_backward``
 - :mod:`~fwdecomp.decompositions.dropout`: ``native_dropout_backward`` (``native_dropout`` is native)
 """
@@ -34,6 +36,7 @@ from fwdecomp.decompositions import (  # noqa: E402
     dropout,
     embedding,
     linalg,
+    linear_cross_entropy,
     loss,
     loss_margin,
     reduce,
@@ -49,6 +52,7 @@ __all__ = [
     "dropout",
     "embedding",
     "linalg",
+    "linear_cross_entropy",
     "loss",
     "loss_margin",
     "reduce",
