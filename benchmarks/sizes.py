@@ -140,6 +140,86 @@ def _multilabel_margin(device: str, dtype: torch.dtype) -> Sample:
     return Sample((_randn_on(gen, device, dtype, 256, 100), target, 1), note="256x100, 5 labels")
 
 
+def _grid_backward(forward: Callable[[str, torch.dtype], Sample]) -> Callable[[str, torch.dtype], Sample]:
+    def make(device: str, dtype: torch.dtype) -> Sample:
+        image, grid, mode, padding, align = forward(device, dtype).args
+        op = aten.grid_sampler_2d if image.dim() == 4 else aten.grid_sampler_3d
+        gen = torch.Generator(device=device).manual_seed(1)
+        grad = _randn_on(gen, device, dtype, *op(image, grid, mode, padding, align).shape)
+        return Sample((grad, image, grid, mode, padding, align, [True, True]), note=forward(device, dtype).note)
+
+    return make
+
+
+def _elementwise(*arguments: object, rows: int = 256, cols: int = 1024) -> Callable[[str, torch.dtype], Sample]:
+    """``(grad, self[, target], *arguments)`` of ``rows x cols`` for the elementwise loss backward operators."""
+
+    def make(device: str, dtype: torch.dtype, with_target: bool = True) -> Sample:
+        gen = torch.Generator(device=device).manual_seed(0)
+        grad, x = _randn_on(gen, device, dtype, rows, cols), _randn_on(gen, device, dtype, rows, cols)
+        target = torch.randint(0, 2, (rows, cols), device=device, generator=gen).to(dtype) * 2 - 1
+        tensors = (grad, x, target) if with_target else (grad, x)
+        return Sample((*tensors, *arguments), note=f"{rows}x{cols}", tangents=(0, 1))
+
+    return make
+
+
+def _dropout_backward(device: str, dtype: torch.dtype) -> Sample:
+    gen = torch.Generator(device=device).manual_seed(0)
+    mask = torch.rand((256, 1024), device=device, generator=gen) > 0.1
+    return Sample((_randn_on(gen, device, dtype, 256, 1024), mask, 1 / 0.9), note="256x1024, p=0.1")
+
+
+def _index_reduce(device: str, dtype: torch.dtype) -> Sample:
+    gen = torch.Generator(device=device).manual_seed(0)
+    index = torch.randint(0, 1024, (4096,), device=device, generator=gen)
+    source = _randn_on(gen, device, dtype, 4096, 64)
+    return Sample((_randn_on(gen, device, dtype, 1024, 64), 0, index, source, "mean"), note="1024x64 <- 4096, mean")
+
+
+def _segment_reduce(device: str, dtype: torch.dtype) -> Sample:
+    gen = torch.Generator(device=device).manual_seed(0)
+    lengths = torch.full((256,), 16, device=device)
+    return Sample((_randn_on(gen, device, dtype, 4096, 64), "sum"), {"lengths": lengths}, note="4096x64, 256 segments")
+
+
+def _segment_reduce_backward(device: str, dtype: torch.dtype) -> Sample:
+    forward = _segment_reduce(device, dtype)
+    output = aten.segment_reduce(*forward.args, **forward.kwargs)
+    gen = torch.Generator(device=device).manual_seed(1)
+    args = (_randn_on(gen, device, dtype, *output.shape), output, forward.args[0], "sum")
+    return Sample(args, dict(forward.kwargs), note=forward.note, tangents=(0, 2))
+
+
+def _ormqr(device: str, dtype: torch.dtype) -> Sample:
+    gen = torch.Generator(device=device).manual_seed(0)
+    a, tau = torch.geqrf(_randn_on(gen, device, dtype, 16, 128, 64))
+    return Sample((a, tau, _randn_on(gen, device, dtype, 16, 128, 32)), note="16 x (128x64 reflectors, 128x32)")
+
+
+def _multi_margin_backward(device: str, dtype: torch.dtype) -> Sample:
+    x, target = _multi_margin(device, dtype).args
+    gen = torch.Generator(device=device).manual_seed(1)
+    return Sample((_randn_on(gen, device, dtype), x, target, 1, 1.0, None, 1), note="256x100", tangents=(0, 1))
+
+
+def _multilabel_margin_backward(device: str, dtype: torch.dtype) -> Sample:
+    x, target, reduction = _multilabel_margin(device, dtype).args
+    _, is_target = aten.multilabel_margin_loss_forward(x, target, reduction)
+    gen = torch.Generator(device=device).manual_seed(1)
+    grad = _randn_on(gen, device, dtype)
+    return Sample((grad, x, target, reduction, is_target), note="256x100, 5 labels", tangents=(0, 1))
+
+
+def _embedding_bag_dense_backward(device: str, dtype: torch.dtype) -> Sample:
+    weight, indices, offsets, scale, mode = _embedding_bag(device, dtype).args
+    out, offset2bag, bag_size, max_indices = aten._embedding_bag(weight, indices, offsets, scale, mode)
+    gen = torch.Generator(device=device).manual_seed(1)
+    grad = _randn_on(gen, device, dtype, *out.shape)
+    args = (grad, indices, offset2bag, bag_size, max_indices, weight.shape[0], False, mode, None)
+    return Sample(args, note="10000x64, 256 bags of 16")
+
+
 #: Realistic calls of the operators without a ``SIZES`` entry: ``make(device, dtype)``.
 REALISTIC: dict[str, Callable[[str, torch.dtype], Sample]] = {
     "aten::_embedding_bag": _embedding_bag,
@@ -150,6 +230,20 @@ REALISTIC: dict[str, Callable[[str, torch.dtype], Sample]] = {
     "aten::grid_sampler_3d": _grid_3d,
     "aten::multi_margin_loss": _multi_margin,
     "aten::multilabel_margin_loss_forward": _multilabel_margin,
+    "aten::grid_sampler_2d_backward": _grid_backward(_grid_2d),
+    "aten::grid_sampler_3d_backward": _grid_backward(_grid_3d),
+    "aten::hardsigmoid_backward": lambda device, dtype: _elementwise()(device, dtype, with_target=False),
+    "aten::huber_loss_backward": _elementwise(1, 0.5),
+    "aten::mse_loss_backward": _elementwise(1),
+    "aten::soft_margin_loss_backward": _elementwise(1),
+    "aten::native_dropout_backward": _dropout_backward,
+    "aten::index_reduce": _index_reduce,
+    "aten::segment_reduce": _segment_reduce,
+    "aten::_segment_reduce_backward": _segment_reduce_backward,
+    "aten::ormqr": _ormqr,
+    "aten::multi_margin_loss_backward": _multi_margin_backward,
+    "aten::multilabel_margin_loss_backward": _multilabel_margin_backward,
+    "aten::_embedding_bag_dense_backward": _embedding_bag_dense_backward,
 }
 
 
