@@ -214,6 +214,8 @@ def _multilabel_margin_backward(device: str, dtype: torch.dtype) -> Sample:
 def _embedding_bag_dense_backward(device: str, dtype: torch.dtype) -> Sample:
     weight, indices, offsets, scale, mode = _embedding_bag(device, dtype).args
     out, offset2bag, bag_size, max_indices = aten._embedding_bag(weight, indices, offsets, scale, mode)
+    if offset2bag.numel() != indices.numel():  # the CPU kernel's fast path leaves it empty
+        offset2bag = torch.zeros_like(indices).index_add_(0, offsets[1:], torch.ones_like(offsets[1:])).cumsum(0)
     gen = torch.Generator(device=device).manual_seed(1)
     grad = _randn_on(gen, device, dtype, *out.shape)
     args = (grad, indices, offset2bag, bag_size, max_indices, weight.shape[0], False, mode, None)

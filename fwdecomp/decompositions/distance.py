@@ -208,5 +208,13 @@ def _pdist_backward_samples(device: str, dtype: torch.dtype) -> Iterator[Sample]
 def pdist_backward(grad: torch.Tensor, self: torch.Tensor, p: float, pdist: torch.Tensor) -> torch.Tensor:
     """The vector-Jacobian product of ``_pdist_forward`` with respect to ``self``."""
     first, second = _pairs(self.shape[0], self.device)
+    if p == 2 and self.shape[-1] > 0:
+        # sum_j w_ij (x_i - x_j) = x_i sum_j w_ij - (W x)_i with W = squareform(grad / pdist): one
+        # N x N matrix product instead of an (N^2/2) x D tensor of differences and its tangent
+        w = torch.where(pdist > 0, grad / torch.where(pdist > 0, pdist, 1), 0)
+        rows = self.shape[0]
+        weights = w.new_zeros(rows, rows).index_put((first, second), w)
+        weights = weights + weights.mT
+        return weights.sum(1, keepdim=True) * self - weights.to(self.dtype) @ self
     contribution = grad.unsqueeze(-1) * p_norm_gradient(self[first] - self[second], pdist, p)
     return torch.zeros_like(self).index_add(0, first, contribution).index_add(0, second, -contribution)
