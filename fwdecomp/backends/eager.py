@@ -159,13 +159,9 @@ def run_registered(op: OpOverload, stack: list[Any], zero_tangent_max_numel: int
         # A mutated argument must stay the caller's own tensor (make_dual returns a
         # new view, and a tangent written into it would not reach the caller).
         limit = 0
-    small = _small_call_limit(args, kwargs, limit)
-    call_args, call_kwargs = with_zero_tangents(args, kwargs, small)
+    call_args, call_kwargs = with_zero_tangents(args, kwargs, _small_call_limit(args, kwargs, limit))
     try:
-        # Small calls only, like the zero tangents: the mode costs a few µs on every torch call,
-        # which at realistic sizes outweighs the ZeroTensor path it avoids (benchmarks.ops, column
-        # "zero tangents on / off": CTC 6.1 vs 5.1 ms, grid_sampler_2d 4.0 vs 3.6 ms before this).
-        if small > 0 and not explicit:
+        if limit > 0 and not explicit:
             with ScalarOverloads():
                 results = entry.fn(*call_args, **call_kwargs)
         else:
