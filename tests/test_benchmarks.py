@@ -66,3 +66,22 @@ def test_gpu_script_checks_run_on_cpu(name):
         [record], [{"seq": 1024, "method": "primal", "seconds": 0.001, "peak_extra_bytes": 2**20}], "cpu"
     )
     assert name in text and "1024" in text
+
+
+def test_gpu_audit_runs_one_operator_per_process_on_cpu():
+    from benchmarks import gpu_audit
+
+    row = gpu_audit.audit_operator("aten::cholesky", device="cpu", timeout=300)
+    assert row["name"] == "aten::cholesky" and row["check"] == "pass" and row["samples"] > 0
+    text = gpu_audit.render([row, {"name": "aten::x", "check": "crashed", "failures": ["exit -6: boom"]}], "cpu")
+    assert "| `aten::cholesky` | pass |" in text and "- `aten::x` exit -6: boom" in text
+
+
+@pytest.mark.parametrize("name", sorted(sizes.REALISTIC))
+def test_realistic_sizes_are_valid_calls(name):
+    """Every realistic-size entry names a registered operator and is a call the kernel accepts."""
+    by_name = {fwdecomp._torch.qualified_name(op): op for op in fwdecomp.registry.operators()}
+    entry = fwdecomp.registry.lookup(by_name[name])
+    sample, how = sizes.benchmark_sample(name, entry.samples, "realistic", torch.float32)
+    assert how == "size table"
+    entry.op(*sample.args, **sample.kwargs)  # PyTorch's own kernel: no tangents, fwdecomp off
