@@ -104,6 +104,7 @@ PYTORCH_NAMESPACES: frozenset[str] = frozenset(
         "streams",
         "symm_mem",
         "torch_attn",
+        "torch_nn",  # F.linear_cross_entropy's chunked operators (torch >= 2.13)
         "triton",
     }
 )
