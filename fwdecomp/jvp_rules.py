@@ -57,7 +57,6 @@ Example:
 from __future__ import annotations
 
 import inspect
-import threading
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, TypeVar
@@ -65,6 +64,7 @@ from typing import Any, Callable, Iterable, TypeVar
 import torch
 from torch.autograd import forward_ad
 
+from fwdecomp._operator_table import Listener, OperatorTable
 from fwdecomp._torch import (
     OpOverload,
     dual_level_active,
@@ -114,22 +114,7 @@ class DuplicateJvpRuleError(ValueError):
     """The operator already has a JVP rule and ``replace=True`` was not given."""
 
 
-_lock = threading.RLock()
-_table: dict[OpOverload, JvpRule] = {}
-_by_schema: dict[tuple[str, str], JvpRule] = {}
-_listeners: list[Callable[[str, OpOverload], None]] = []
-
-
-def _schema_key(schema: torch.FunctionSchema) -> tuple[str, str]:
-    return (schema.name, schema.overload_name)
-
-
-def _notify(event: str, op: OpOverload) -> None:
-    for listener in list(_listeners):
-        listener(event, op)
-
-
-# --- registration ---------------------------------------------------------
+_table: OperatorTable[JvpRule] = OperatorTable()
 
 
 def _schema_problem(op: OpOverload) -> str | None:
@@ -212,7 +197,7 @@ def register_jvp(op: OperatorLike, *, replace: bool = False) -> Callable[[F], F]
     overloads = resolve(op)
 
     def decorator(fn: F) -> F:
-        with _lock:
+        with _table.lock:
             for overload in overloads:
                 _check_rule(overload, fn)
                 existing = _table.get(overload)
@@ -221,12 +206,7 @@ def register_jvp(op: OperatorLike, *, replace: bool = False) -> Callable[[F], F]
                         f"fwdecomp: {qualified_name(overload)} already has a JVP rule "
                         f"({describe_function(existing.fn)}); pass replace=True to register_jvp to replace it."
                     )
-            for overload in overloads:
-                entry = JvpRule(overload, fn)
-                _table[overload] = entry
-                _by_schema[_schema_key(schema_of(overload))] = entry
-            for overload in overloads:
-                _notify("register", overload)
+            _table.put({overload: JvpRule(overload, fn) for overload in overloads})
         return fn
 
     return decorator
@@ -234,11 +214,9 @@ def register_jvp(op: OperatorLike, *, replace: bool = False) -> Callable[[F], F]
 
 def unregister_jvp(op: OperatorLike) -> None:
     """Remove the JVP rules of ``op`` (its decomposition, if any, serves again)."""
-    with _lock:
+    with _table.lock:
         for overload in resolve(op):
-            if _table.pop(overload, None) is not None:
-                _by_schema.pop(_schema_key(schema_of(overload)), None)
-                _notify("unregister", overload)
+            _table.remove(overload)
 
 
 def lookup(op: OpOverload) -> JvpRule | None:
@@ -248,40 +226,27 @@ def lookup(op: OpOverload) -> JvpRule | None:
 
 def lookup_schema(schema: torch.FunctionSchema) -> JvpRule | None:
     """The JVP rule registered for the operator with this schema, or ``None``."""
-    return _by_schema.get(_schema_key(schema))
+    return _table.get_schema(schema)
 
 
 def operators() -> list[OpOverload]:
     """Every operator overload that has a JVP rule, sorted by name."""
-    with _lock:
-        return sorted(_table, key=qualified_name)
+    return _table.operators()
 
 
 def snapshot() -> dict[OpOverload, JvpRule]:
     """A copy of the table, for :func:`restore`."""
-    with _lock:
-        return dict(_table)
+    return _table.snapshot()
 
 
 def restore(saved: dict[OpOverload, JvpRule]) -> None:
     """Make the table exactly ``saved`` again; listeners hear of every operator that changed."""
-    with _lock:
-        changed = [op for op in set(_table) | set(saved) if _table.get(op) is not saved.get(op)]
-        _table.clear()
-        _by_schema.clear()
-        for op, entry in saved.items():
-            _table[op] = entry
-            _by_schema[_schema_key(schema_of(op))] = entry
-        for op in changed:
-            _notify("register" if op in saved else "unregister", op)
+    _table.restore(saved)
 
 
-def subscribe(listener: Callable[[str, OpOverload], None]) -> None:
+def subscribe(listener: Listener) -> None:
     """Call ``listener(event, op)`` with event ``"register"`` or ``"unregister"``."""
-    _listeners.append(listener)
-
-
-# --- running a rule -------------------------------------------------------
+    _table.subscribe(listener)
 
 
 def _split(value: Any) -> tuple[Any, Any]:

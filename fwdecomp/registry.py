@@ -18,13 +18,13 @@ Example:
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, TypeVar
 
 import torch
 
-from fwdecomp._torch import OpOverload, qualified_name, schema_of
+from fwdecomp._operator_table import Listener, OperatorTable
+from fwdecomp._torch import OpOverload, qualified_name
 from fwdecomp.contract import check_signature, describe_function
 from fwdecomp.overloads import OperatorLike, resolve
 
@@ -96,25 +96,8 @@ class DuplicateDecompositionError(ValueError):
     """The operator already has a decomposition and ``replace=True`` was not given."""
 
 
-_lock = threading.RLock()
-_table: dict[OpOverload, Decomposition] = {}
-_by_schema: dict[tuple[str, str], Decomposition] = {}
+_table: OperatorTable[Decomposition] = OperatorTable()
 _builtins: dict[OpOverload, Decomposition] = {}
-_listeners: list[Callable[[str, OpOverload], None]] = []
-
-
-def _schema_key(schema: torch.FunctionSchema) -> tuple[str, str]:
-    return (schema.name, schema.overload_name)
-
-
-def _notify(event: str, op: OpOverload) -> None:
-    for listener in list(_listeners):
-        listener(event, op)
-
-
-def _store(entry: Decomposition) -> None:
-    _table[entry.op] = entry
-    _by_schema[_schema_key(schema_of(entry.op))] = entry
 
 
 def register_decomposition(
@@ -151,7 +134,7 @@ def register_decomposition(
     dtype_tuple = tuple(dtypes)
 
     def decorator(fn: F) -> F:
-        with _lock:
+        with _table.lock:
             for overload in overloads:
                 check_signature(overload, fn)
                 existing = _table.get(overload)
@@ -161,13 +144,10 @@ def register_decomposition(
                         f"({describe_function(existing.fn)}); pass replace=True to "
                         "register_decomposition to replace it."
                     )
-            for overload in overloads:
-                entry = Decomposition(overload, fn, samples, dtype_tuple, _builtin)
-                if _builtin:
-                    _builtins[overload] = entry
-                _store(entry)
-            for overload in overloads:
-                _notify("register", overload)
+            entries = {overload: Decomposition(overload, fn, samples, dtype_tuple, _builtin) for overload in overloads}
+            if _builtin:
+                _builtins.update(entries)
+            _table.put(entries)
         return fn
 
     return decorator
@@ -175,42 +155,30 @@ def register_decomposition(
 
 def unregister_decomposition(op: OperatorLike) -> None:
     """Remove the decompositions of ``op`` (built-in ones included)."""
-    with _lock:
+    with _table.lock:
         for overload in resolve(op):
-            entry = _table.pop(overload, None)
-            if entry is not None:
-                _by_schema.pop(_schema_key(schema_of(overload)), None)
-                _notify("unregister", overload)
+            _table.remove(overload)
 
 
 def restore_builtin(op: OperatorLike) -> None:
     """Put back fwdecomp's own decomposition of ``op`` (or none, if it has none)."""
-    with _lock:
+    with _table.lock:
         for overload in resolve(op):
             builtin = _builtins.get(overload)
             if builtin is None:
-                unregister_decomposition(overload)
+                _table.remove(overload)
             else:
-                _store(builtin)
-                _notify("register", overload)
+                _table.put({overload: builtin})
 
 
 def snapshot() -> dict[OpOverload, Decomposition]:
     """A copy of the whole table, for :func:`restore` (tests, temporary overrides)."""
-    with _lock:
-        return dict(_table)
+    return _table.snapshot()
 
 
 def restore(saved: dict[OpOverload, Decomposition]) -> None:
     """Make the table exactly ``saved`` again; listeners hear of every operator that changed."""
-    with _lock:
-        changed = [op for op in set(_table) | set(saved) if _table.get(op) is not saved.get(op)]
-        _table.clear()
-        _by_schema.clear()
-        for entry in saved.values():
-            _store(entry)
-        for op in changed:
-            _notify("register" if op in saved else "unregister", op)
+    _table.restore(saved)
 
 
 def lookup(op: OpOverload) -> Decomposition | None:
@@ -220,15 +188,14 @@ def lookup(op: OpOverload) -> Decomposition | None:
 
 def lookup_schema(schema: torch.FunctionSchema) -> Decomposition | None:
     """The decomposition registered for the operator with this schema, or ``None``."""
-    return _by_schema.get(_schema_key(schema))
+    return _table.get_schema(schema)
 
 
 def operators() -> list[OpOverload]:
     """Every operator overload that has a decomposition, sorted by name."""
-    with _lock:
-        return sorted(_table, key=qualified_name)
+    return _table.operators()
 
 
-def subscribe(listener: Callable[[str, OpOverload], None]) -> None:
+def subscribe(listener: Listener) -> None:
     """Call ``listener(event, op)`` with event ``"register"`` or ``"unregister"``."""
-    _listeners.append(listener)
+    _table.subscribe(listener)
