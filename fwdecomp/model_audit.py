@@ -322,31 +322,6 @@ def _markdown_table(columns: list[str], rows: list[list[str]]) -> list[str]:
     return [line(columns), "|" + "|".join(" --- " for _ in columns) + "|", *[line(row) for row in rows]]
 
 
-def _count(uses: list[OperatorUse]) -> str:
-    operators, calls = len(uses), sum(use.calls for use in uses)
-    return f"{operators} operator{'s' * (operators != 1)}, {calls} call{'s' * (calls != 1)}"
-
-
-def _text_table(columns: list[str], rows: list[list[str]]) -> list[str]:
-    widths = [max(len(row[i]) for row in [columns, *rows]) for i in range(len(columns))]
-
-    def line(row: list[str]) -> str:
-        return "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
-
-    return [line(columns), line(["-" * w for w in widths]), *[line(row) for row in rows]]
-
-
-def _md(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
-def _markdown_table(columns: list[str], rows: list[list[str]]) -> list[str]:
-    def line(row: list[str]) -> str:
-        return "| " + " | ".join(_md(cell) for cell in row) + " |"
-
-    return [line(columns), "|" + "|".join(" --- " for _ in columns) + "|", *[line(row) for row in rows]]
-
-
 # --- audit -------------------------------------------------------------------------------------
 
 
