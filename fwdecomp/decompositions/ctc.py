@@ -52,6 +52,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -322,16 +323,8 @@ def _ctc_samples(device: str, dtype: torch.dtype, tensor_lengths: bool) -> Itera
     )
 
 
-def _ctc_intlist_samples(device: str, dtype: torch.dtype) -> Iterator[Sample]:
-    yield from _ctc_samples(device, dtype, tensor_lengths=False)
-
-
-def _ctc_tensor_samples(device: str, dtype: torch.dtype) -> Iterator[Sample]:
-    yield from _ctc_samples(device, dtype, tensor_lengths=True)
-
-
-@builtin(aten._ctc_loss.default, samples=_ctc_intlist_samples)
-@builtin(aten._ctc_loss.Tensor, samples=_ctc_tensor_samples)
+@builtin(aten._ctc_loss.default, samples=functools.partial(_ctc_samples, tensor_lengths=False))
+@builtin(aten._ctc_loss.Tensor, samples=functools.partial(_ctc_samples, tensor_lengths=True))
 def ctc_loss(
     log_probs: torch.Tensor,
     targets: torch.Tensor,
@@ -433,16 +426,8 @@ def _ctc_backward_samples(device: str, dtype: torch.dtype, tensor_lengths: bool)
         yield Sample(args, note=sample.note, tangents=(0, 1, 5, 6), prepare=forward)
 
 
-def _ctc_backward_intlist_samples(device: str, dtype: torch.dtype) -> Iterator[Sample]:
-    yield from _ctc_backward_samples(device, dtype, tensor_lengths=False)
-
-
-def _ctc_backward_tensor_samples(device: str, dtype: torch.dtype) -> Iterator[Sample]:
-    yield from _ctc_backward_samples(device, dtype, tensor_lengths=True)
-
-
-@builtin(aten._ctc_loss_backward.default, samples=_ctc_backward_intlist_samples)
-@builtin(aten._ctc_loss_backward.Tensor, samples=_ctc_backward_tensor_samples)
+@builtin(aten._ctc_loss_backward.default, samples=functools.partial(_ctc_backward_samples, tensor_lengths=False))
+@builtin(aten._ctc_loss_backward.Tensor, samples=functools.partial(_ctc_backward_samples, tensor_lengths=True))
 def ctc_loss_backward(
     grad: torch.Tensor,
     log_probs: torch.Tensor,
