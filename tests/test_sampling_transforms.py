@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.autograd import forward_ad
+from numerics import assert_forward_ad_and_jvp, close, fd
 from torch.func import grad, hessian, jacfwd, jvp, vmap
 
 pytestmark = pytest.mark.usefixtures("enabled")
@@ -26,17 +26,6 @@ def _randn(*shape):
 
 def _uniform(*shape, bound=1.0):
     return (torch.rand(shape, dtype=f64, generator=_gen) * 2 - 1) * bound
-
-
-def fd(fn, x, v, eps=1e-6):
-    with torch.no_grad():
-        return (fn(x + eps * v) - fn(x - eps * v)) / (2 * eps)
-
-
-def close(a, b, tol=1e-6):
-    assert a.shape == b.shape, (a.shape, b.shape)
-    if a.numel():
-        assert (a - b).abs().max().item() <= tol * (1 + b.abs().max().item())
 
 
 def _split(x, *shapes):
@@ -135,14 +124,7 @@ def _case(name):
 @NAMES
 def test_forward_ad_and_jvp(name):
     f, x = _case(name)
-    v = _randn(*x.shape)
-    expected = fd(f, x, v)
-    with forward_ad.dual_level():
-        tangent = forward_ad.unpack_dual(f(forward_ad.make_dual(x, v))).tangent
-    close(tangent, expected)
-    out, tangent = jvp(f, (x,), (v,))
-    close(tangent, expected)
-    close(out, f(x), 1e-12)
+    assert_forward_ad_and_jvp(f, x, _randn(*x.shape))
 
 
 @NAMES

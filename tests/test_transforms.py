@@ -12,24 +12,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.autograd import forward_ad
+from numerics import assert_forward_ad_and_jvp, close, fd
 from torch.func import grad, hessian, jacfwd, jvp, vmap
 
 import fwdecomp
 
 pytestmark = pytest.mark.usefixtures("backend", "enabled")
 f64 = torch.float64
-
-
-def fd(fn, x, v, eps=1e-6):
-    with torch.no_grad():
-        return (fn(x + eps * v) - fn(x - eps * v)) / (2 * eps)
-
-
-def close(a, b, tol=1e-6):
-    scale = 1 + b.abs().max().item() if b.numel() else 1
-    assert a.shape == b.shape, (a.shape, b.shape)
-    assert (a - b).abs().max().item() <= tol * scale if a.numel() else True
 
 
 def randn(*shape, dtype=f64):
@@ -73,15 +62,7 @@ CASES = pytest.mark.parametrize("name", list(FUNCTIONS))
 
 @CASES
 def test_forward_ad_and_jvp(name):
-    f = FUNCTIONS[name]
-    x, v = randn(5, 3), randn(5, 3)
-    expected = fd(f, x, v)
-    with forward_ad.dual_level():
-        tangent = forward_ad.unpack_dual(f(forward_ad.make_dual(x, v))).tangent
-    close(tangent, expected)
-    out, tangent = jvp(f, (x,), (v,))
-    close(tangent, expected)
-    close(out, f(x), 1e-12)
+    assert_forward_ad_and_jvp(FUNCTIONS[name], randn(5, 3), randn(5, 3))
 
 
 @CASES
