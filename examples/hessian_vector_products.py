@@ -70,6 +70,15 @@ def relative_error(got: dict, want: dict) -> float:
     return diff / math.sqrt(sum(float(want[k].pow(2).sum()) for k in want))
 
 
+def try_without_fwdecomp(tag: str, loss: Callable, params: dict, v: dict) -> None:
+    """Print what PyTorch alone does with the HVP (it raises for these operators)."""
+    try:
+        hvp(loss, params, v)
+        print(f"[{tag}] PyTorch alone:  the HVP ran")
+    except (NotImplementedError, RuntimeError) as error:
+        print(f"[{tag}] PyTorch alone:  {first_line(error)}")
+
+
 # --- [cdist] a radial-basis-function network -------------------------------------------------
 
 
@@ -101,11 +110,7 @@ def cdist_part(tiny: bool) -> bool:
     v = {k: torch.randn_like(p) for k, p in params.items()}
     route = "_euclidean_dist (more than 25 rows)" if points > 25 else "_cdist_forward"
     print(f"[cdist] RBF network, {points} points, {centres} centres; torch.cdist runs {route}")
-    try:
-        hvp(loss, params, v)
-        print("[cdist] PyTorch alone:  the HVP ran")
-    except (NotImplementedError, RuntimeError) as error:
-        print(f"[cdist] PyTorch alone:  {first_line(error)}")
+    try_without_fwdecomp("cdist", loss, params, v)
     with fwdecomp.enabled():
         try:
             got = hvp(loss, params, v)
@@ -153,11 +158,7 @@ def grid_sample_part(tiny: bool) -> bool:
     params = {"theta": guess}
     v = {"theta": torch.randn_like(guess)}
     print(f"[grid_sample] affine alignment of a {size}x{size} image (6 warp parameters)")
-    try:
-        hvp(loss, params, v)
-        print("[grid_sample] PyTorch alone:  the HVP ran")
-    except (NotImplementedError, RuntimeError) as error:
-        print(f"[grid_sample] PyTorch alone:  {first_line(error)}")
+    try_without_fwdecomp("grid_sample", loss, params, v)
     with fwdecomp.enabled():
         try:
             got = hvp(loss, params, v)
