@@ -53,6 +53,7 @@ def audit_view(
 
 
 def _inventory(args: argparse.Namespace) -> int:
+    from fwdecomp._tables import markdown_table
     from fwdecomp.inventory import inventory, render_table
 
     try:
@@ -69,10 +70,12 @@ def _inventory(args: argparse.Namespace) -> int:
     if args.format == "json":
         print(json.dumps({"operators": [row.to_json() for row in rows]}, indent=2))
     elif args.format == "markdown":
-        print("| operator | native forward AD | fwdecomp | check | samples |\n| --- | --- | --- | --- | --- |")
-        for row in rows:
-            routes = "routes" if row.covered else "steps aside"
-            print(f"| `{row.name}` | {row.native} | {routes} | {row.check} | {row.samples} |")
+        columns = ["operator", "native forward AD", "fwdecomp", "check", "samples"]
+        cells = [
+            [f"`{row.name}`", row.native, "routes" if row.covered else "steps aside", row.check, str(row.samples)]
+            for row in rows
+        ]
+        print("\n".join(markdown_table(columns, cells)))
     else:
         print(render_table(rows))
         covered = sum(row.covered for row in rows)

@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import torch
 
 from fwdecomp import api, registry
+from fwdecomp._tables import text_table
 from fwdecomp._torch import qualified_name
 from fwdecomp.checks import check_sample
 from fwdecomp.formulas import native_forward_formula
@@ -126,15 +127,13 @@ def inventory(
 def render_table(rows: list[OperatorRow]) -> str:
     """A plain-text table for the terminal."""
     header = ("operator", "native forward AD", "fwdecomp", "check", "samples", "max error")
-    lines = [header]
+    cells = []
     for row in rows:
         error = "" if row.worst_error is None else f"{row.worst_error:.1e}"
-        lines.append(
+        cells.append(
             (row.name, row.native, "routes" if row.covered else "steps aside", row.check, str(row.samples), error)
         )
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    text = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines]
-    text.insert(1, "  ".join("-" * width for width in widths))
+    text = text_table(header, cells)
     for row in rows:
         text += [f"FAIL {row.name} {failure}" for failure in row.failures]
     return "\n".join(text)

@@ -110,6 +110,7 @@ from fwdecomp._recording import (
     needs_probe,
     routing,
 )
+from fwdecomp._tables import markdown_cell, markdown_table, text_table
 from fwdecomp._torch import qualified_name
 
 __all__ = ["AuditReport", "Check", "Failure", "OperatorUse", "Site", "audit"]
@@ -242,7 +243,7 @@ class AuditReport:
         for title, uses, backward in self._sections():
             lines += ["", title]
             lines += [
-                "  " + line for line in _text_table(self._columns(backward), [self._row(u, backward) for u in uses])
+                "  " + line for line in text_table(self._columns(backward), [self._row(u, backward) for u in uses])
             ]
         if self.backward_error is not None:
             lines.append(f"  reverse mode failed: {self.backward_error}")
@@ -261,19 +262,19 @@ class AuditReport:
         """The report as Markdown: a heading, one table per pass, the measurements and the verdict."""
         lines = [f"### {self._header()}"]
         if self.error is not None:
-            lines += ["", f"**fn raised:** {_md(str(self.error))}"]
+            lines += ["", f"**fn raised:** {markdown_cell(str(self.error))}"]
         for title, uses, backward in self._sections():
             lines += ["", f"**{title}**", ""]
-            lines += _markdown_table(self._columns(backward), [self._row(u, backward) for u in uses])
+            lines += markdown_table(self._columns(backward), [self._row(u, backward) for u in uses])
         if self.backward_error is not None:
-            lines += ["", f"Reverse mode failed: {_md(str(self.backward_error))}"]
+            lines += ["", f"Reverse mode failed: {markdown_cell(str(self.backward_error))}"]
         notes = self._notes()
         if notes:
-            lines += ["", *[f"- {_md(note)}" for note in notes]]
+            lines += ["", *[f"- {markdown_cell(note)}" for note in notes]]
         if self.checks:
             lines += ["", f"**Measured** (random tangents, seed {self.seed})", ""]
-            lines += _markdown_table(["computation", "result", "detail"], [list(row) for row in self._check_lines()])
-        lines += ["", f"**Verdict:** {_md(self.verdict)}"]
+            lines += markdown_table(["computation", "result", "detail"], [list(row) for row in self._check_lines()])
+        lines += ["", f"**Verdict:** {markdown_cell(self.verdict)}"]
         return "\n".join(lines)
 
     def to_json(self) -> dict[str, Any]:
@@ -300,26 +301,6 @@ class AuditReport:
 def _count(uses: list[OperatorUse]) -> str:
     operators, calls = len(uses), sum(use.calls for use in uses)
     return f"{operators} operator{'s' * (operators != 1)}, {calls} call{'s' * (calls != 1)}"
-
-
-def _text_table(columns: list[str], rows: list[list[str]]) -> list[str]:
-    widths = [max(len(row[i]) for row in [columns, *rows]) for i in range(len(columns))]
-
-    def line(row: list[str]) -> str:
-        return "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
-
-    return [line(columns), line(["-" * w for w in widths]), *[line(row) for row in rows]]
-
-
-def _md(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
-def _markdown_table(columns: list[str], rows: list[list[str]]) -> list[str]:
-    def line(row: list[str]) -> str:
-        return "| " + " | ".join(_md(cell) for cell in row) + " |"
-
-    return [line(columns), "|" + "|".join(" --- " for _ in columns) + "|", *[line(row) for row in rows]]
 
 
 # --- audit -------------------------------------------------------------------------------------

@@ -119,6 +119,7 @@ import torch
 import torch.fx
 
 from fwdecomp import _torch, jvp_rules, registry
+from fwdecomp._tables import text_table
 from fwdecomp._torch import OpOverload, qualified_name, schema_of
 from fwdecomp.backends.eager import EagerBackend
 from fwdecomp.cli import audit_view
@@ -945,12 +946,8 @@ def _closure_view(args: argparse.Namespace) -> int:
         print(json.dumps({"closure": [row.__dict__ for row in rows]}, indent=2))
     else:
         header = ("operator", "closure", "samples", "graph nodes", "inlined")
-        lines = [header] + [
-            (r.name, r.verdict, str(r.samples), str(r.nodes), ", ".join(r.inlined) or "-") for r in rows
-        ]
-        widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-        text = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]
-        text.insert(1, "  ".join("-" * w for w in widths))
+        cells = [(r.name, r.verdict, str(r.samples), str(r.nodes), ", ".join(r.inlined) or "-") for r in rows]
+        text = text_table(header, cells)
         text += [f"{r.verdict.upper()} {r.name}: {r.detail}" for r in rows if r.detail]
         print("\n".join(text))
         counts = {v: sum(r.verdict == v for r in rows) for v in ("closed", "mixed", "eager", "open", "no samples")}
