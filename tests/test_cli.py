@@ -6,9 +6,11 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import fwdecomp
+import fwdecomp.inventory as inventory_module
 from fwdecomp.cli import main
 
 
@@ -51,8 +53,6 @@ def test_module_entry_point():
 
 def test_audit_checks_the_methods_asked_for(monkeypatch, capsys):
     seen = []
-    import fwdecomp.inventory as inventory_module
-
     real = inventory_module.check_sample
 
     def spy(op, sample, methods):
@@ -66,8 +66,6 @@ def test_audit_checks_the_methods_asked_for(monkeypatch, capsys):
 
 
 def test_audit_rejects_an_unknown_method(capsys):
-    import pytest
-
     with pytest.raises(SystemExit):
         main(["audit", "--methods", "forward_ad,sideways"])
     assert "unknown method(s) sideways" in capsys.readouterr().err
