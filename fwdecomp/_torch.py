@@ -63,9 +63,25 @@ def is_composite_implicit(op: OpOverload) -> bool:
     return has_kernel_for_key(op, "CompositeImplicitAutograd")
 
 
+def unpack_dual(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``forward_ad.unpack_dual`` at the current level, without its Python layers where none is needed.
+
+    The public function looks for an export tracing mode on every call (several µs);
+    the C++ function it ends in is called directly unless a torch-function mode is active.
+    """
+    level = forward_ad._current_level
+    if level < 0:
+        return tensor, None
+    if torch._C._is_torch_function_mode_enabled():
+        primal, tangent = forward_ad.unpack_dual(tensor)
+        return primal, tangent
+    primal, tangent = torch._VF._unpack_dual(tensor, level)
+    return primal, tangent
+
+
 def tangent_of(tensor: torch.Tensor) -> torch.Tensor | None:
     """The forward-mode tangent ``tensor`` carries at the current level, or ``None``."""
-    return forward_ad.unpack_dual(tensor).tangent
+    return unpack_dual(tensor)[1]
 
 
 def dual_level_active() -> bool:
@@ -252,7 +268,7 @@ def jvp_decomposed_operators() -> frozenset[OpOverload]:
 
 def primal_of(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` without its tangent at the current level (a view sharing its storage and reverse-mode history)."""
-    return forward_ad.unpack_dual(tensor).primal
+    return unpack_dual(tensor)[0]
 
 
 def forward_grad_enabled(enabled: bool) -> Any:
@@ -317,3 +333,28 @@ def library_impl_key(library: torch.library.Library, dispatch_key: str) -> str:
 def functorch_transforms_active() -> bool:
     """Whether a ``torch.func`` transform (jvp, vmap, grad, ...) is running around this call."""
     return bool(torch._C._are_functorch_transforms_active())
+
+
+def grad_transform_active() -> bool:
+    """Whether a ``torch.func`` reverse-mode transform (grad, vjp, jacrev, hessian) runs around this call."""
+    stack = torch._C._functorch.get_interpreter_stack() or ()
+    return any(interpreter.key() == torch._C._functorch.TransformType.Grad for interpreter in stack)
+
+
+def requires_grad_below(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor``, or a tensor under its ``torch.func`` wrappers, requires grad.
+
+    Inside a transform (``jvp``, ``vmap``) a wrapper does not report that the
+    tensor it wraps is recorded by reverse mode outside the transform.
+    """
+    while True:
+        if tensor.requires_grad:
+            return True
+        if not torch._C._functorch.is_functorch_wrapped_tensor(tensor):
+            return False
+        tensor = torch._C._functorch.get_unwrapped(tensor)
+
+
+def is_legacy_batched(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a batched tensor of the legacy ``vmap`` (what gradcheck's batched checks use)."""
+    return bool(torch._C._functorch.is_legacy_batchedtensor(tensor))

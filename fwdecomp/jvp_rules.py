@@ -69,10 +69,10 @@ from fwdecomp._torch import (
     OpOverload,
     dual_level_active,
     forward_grad_is_enabled,
-    primal_of,
     qualified_name,
     schema_of,
     tangent_of,
+    unpack_dual,
 )
 from fwdecomp.contract import DecompositionError, SignatureMismatchError, check_results, describe_function
 from fwdecomp.custom_ops import is_tensor_type
@@ -251,8 +251,8 @@ def subscribe(listener: Listener) -> None:
 
 def _split(value: Any) -> tuple[Any, Any]:
     if isinstance(value, torch.Tensor):
-        tangent = tangent_of(value)
-        return (value if tangent is None else primal_of(value)), tangent
+        primal, tangent = unpack_dual(value)
+        return (value if tangent is None else primal), tangent
     if isinstance(value, (list, tuple)):
         pairs = [_split(v) for v in value]
         return type(value)(p for p, _ in pairs), [t for _, t in pairs]
@@ -347,7 +347,15 @@ def _attach(rule: JvpRule, index: int, ret: Any, value: Any, tangent: Any) -> An
     return forward_ad.make_dual(value, tangent)
 
 
-def run_rule(op: OpOverload, stack: list[Any], rule: JvpRule | None = None) -> None:
+def run_rule(
+    op: OpOverload,
+    stack: list[Any],
+    rule: JvpRule | None = None,
+    *,
+    may_decline: bool = False,
+    split: tuple[list[Any], list[Any]] | None = None,
+    trusted: bool = False,
+) -> bool:
     """Run ``op``'s JVP rule on a boxed stack of (tangent-carrying) arguments; leave its results there.
 
     The boxed contract of ``DecompositionInterface.run_decomposition``: on
@@ -355,14 +363,22 @@ def run_rule(op: OpOverload, stack: list[Any], rule: JvpRule | None = None) -> N
     results, each floating-point output carrying the rule's tangent at the
     current forward-AD level. Outputs are checked like a decomposition's (count,
     kinds, shapes and dtypes), tangents against their outputs.
+
+    With ``may_decline``, a rule that returns ``NotImplemented`` (a case it
+    does not cover) leaves ``stack`` as it was and ``False`` is returned; the
+    caller runs something else. Otherwise the result is ``True``. ``split``: the
+    stack's ``split_tangents``, if the caller has it. ``trusted`` (fwdecomp's own,
+    tested rules): the outputs are not checked against the operator's meta kernel.
     """
     schema = schema_of(op)
     rule = rule or lookup(op) or lookup_schema(schema)
     if rule is None:
         raise NotImplementedError(f"fwdecomp: no JVP rule is registered for {qualified_name(op)}")
-    primals, tangents = split_tangents(schema, stack)
+    primals, tangents = split or split_tangents(schema, stack)
     try:
         result = rule.fn(primals, tangents)
+        if may_decline and result is NotImplemented:
+            return False
     except Exception as error:
         raise DecompositionError(
             f"fwdecomp: the JVP rule of {rule.name} ({describe_function(rule.fn)}) raised "
@@ -385,6 +401,9 @@ def run_rule(op: OpOverload, stack: list[Any], rule: JvpRule | None = None) -> N
             f"fwdecomp: the JVP rule of {rule.name} ({describe_function(rule.fn)}) returned the wrong number "
             f"of outputs or output tangents: {error}"
         ) from error
+    if trusted:
+        stack[:] = [forward_ad.make_dual(v, t) if t is not None else v for v, t in zip(outputs, output_tangents)]
+        return True
     args, kwargs = stack_to_arguments(schema, primals)
     try:
         check_results(op, args, kwargs, outputs)
@@ -402,3 +421,4 @@ def run_rule(op: OpOverload, stack: list[Any], rule: JvpRule | None = None) -> N
         _attach(rule, index, ret, value, tangent)
         for index, (ret, value, tangent) in enumerate(zip(schema.returns, outputs, output_tangents))
     ]
+    return True

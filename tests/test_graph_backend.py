@@ -19,6 +19,7 @@ from torch.autograd import forward_ad
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fwdecomp
+from fwdecomp import tangent_rules
 from fwdecomp.backends import graph
 from fwdecomp.checks import differentiable_positions, sample_function
 from fwdecomp.cli import main
@@ -48,10 +49,12 @@ OPAQUE = "fwdecomp_tests::opaque_square"
 
 @pytest.fixture
 def graph_backend(enabled):
-    """fwdecomp enabled with the graph backend, an empty cache, default settings."""
+    """fwdecomp enabled with the graph backend, an empty cache, default settings, tangent rules off
+    (these tests are about tracing decompositions; test_tangent_rule_runs_instead_of_a_graph is not)."""
     fwdecomp.use_backend("graph")
     graph.cache_clear()
-    yield graph.default_backend()
+    with tangent_rules.disabled():
+        yield graph.default_backend()
     graph.configure(cache_size=256, tracing_mode="fake")
     graph.cache_clear()
 
@@ -66,12 +69,16 @@ def _jvp(op, sample):
 
 @pytest.mark.parametrize("op, dtype, index", list(sample_cases()))
 def test_graph_gives_the_eager_results(enabled, op, dtype, index):
-    """Outputs and tangents of every sample agree with the eager backend to rounding (in fact bitwise, today)."""
+    """Outputs and tangents of every sample agree with the eager backend to rounding (in fact bitwise, today).
+
+    Tangent rules off: both backends run the decomposition (the graph backend traces it);
+    tests/test_tangent_rules.py checks the rules against the decompositions."""
     sample = list(fwdecomp.registry.lookup(op).samples("cpu", dtype))[index]
-    fwdecomp.use_backend("eager")
-    eager = _jvp(op, sample)
-    fwdecomp.use_backend("graph")
-    traced = _jvp(op, sample)
+    with tangent_rules.disabled():
+        fwdecomp.use_backend("eager")
+        eager = _jvp(op, sample)
+        fwdecomp.use_backend("graph")
+        traced = _jvp(op, sample)
     # a decomposition with data-dependent control flow runs eagerly (audit --closure lists them)
     assert any(e.op == op and e.kind in ("graph", "eager") for e in graph.default_backend().entries())
     eps = torch.finfo(dtype).eps
@@ -169,7 +176,8 @@ def test_concurrent_calls_from_threads(graph_backend):
             for step in range(12):
                 x = inputs[(index + step) % len(inputs)]
                 stack = [x, 2.0]
-                backend.run_decomposition(op, stack)
+                with tangent_rules.disabled():  # per thread, like the fixture's
+                    backend.run_decomposition(op, stack)
                 if not torch.allclose(stack[0], torch.pdist(x)):
                     errors.append("wrong result")
         except Exception as error:  # pragma: no cover - reported below
@@ -394,7 +402,8 @@ def test_calls_under_a_user_dispatch_mode_take_the_eager_path(graph_backend):
     assert torch.equal(t1, t2) and graph.cache_info().graphs == 1
 
 
-def test_autocast_treats_the_graph_as_the_eager_decomposition(enabled):
+@pytest.mark.usefixtures("graph_backend")
+def test_autocast_treats_the_graph_as_the_eager_decomposition():
     """No cast is traced into the graph; at run time autocast casts its matmul as it does eagerly."""
     x, y, v = torch.randn(30, 3), torch.randn(27, 3), torch.randn(30, 3)
     results = []
@@ -596,3 +605,17 @@ def test_readme_backends_example_prints_what_it_says():
     cache_line, *explanation = output.getvalue().splitlines()
     assert cache_line == re.search(r"# (CacheInfo\(.*\))", program).group(1)
     assert "\n".join(explanation) == printed.rstrip("\n")
+
+
+def test_tangent_rule_runs_instead_of_a_graph(enabled):
+    """Where a tangent rule applies, the graph backend runs it (nothing is traced); elsewhere it traces."""
+    fwdecomp.use_backend("graph")
+    graph.cache_clear()
+    x = torch.randn(6, 3, dtype=f64)
+    with tangent_rules.disabled():
+        _, traced = torch.func.jvp(torch.pdist, (x,), (x,))
+    assert graph.cache_info().graphs == 1
+    _, fast = torch.func.jvp(torch.pdist, (x,), (x,))  # p = 2: the rule, no new graph, no cache hit
+    info = graph.cache_info()
+    assert (info.graphs, info.hits) == (1, 0)
+    torch.testing.assert_close(fast, traced)

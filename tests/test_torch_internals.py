@@ -282,3 +282,60 @@ def test_operator_callable():
     call = _torch.operator_callable(aten.add.Tensor)
     x = torch.randn(3)
     assert call is not aten.add.Tensor and torch.equal(call(x, x, alpha=2), aten.add.Tensor(x, x, alpha=2))
+
+
+def test_grad_transform_active():
+    seen = []
+
+    def f(x):
+        seen.append(_torch.grad_transform_active())
+        return x.sin().sum()
+
+    x = torch.ones(2)
+    f(x)
+    torch.func.jvp(f, (x,), (x,))
+    torch.func.vmap(f)(torch.ones(3, 2))
+    torch.func.grad(f)(x)
+    torch.func.jvp(torch.func.grad(f), (x,), (x,))
+    torch.func.grad(lambda x: torch.func.jvp(f, (x,), (x,))[1])(x)
+    assert seen == [False, False, False, True, True, True]
+
+
+def test_requires_grad_below():
+    leaf = torch.ones(3, requires_grad=True)
+    seen = []
+
+    def f(z):
+        seen.append((z.requires_grad, _torch.requires_grad_below(z)))
+        return z * 2
+
+    torch.func.jvp(f, (leaf,), (torch.ones(3),))
+    torch.func.vmap(f)(torch.ones(2, 3))
+    assert seen == [(False, True), (False, False)]
+    assert _torch.requires_grad_below(leaf) and not _torch.requires_grad_below(torch.ones(2))
+
+
+def test_is_legacy_batched():
+    from torch._vmap_internals import _vmap
+
+    seen = []
+
+    def f(x):
+        seen.append(_torch.is_legacy_batched(x))
+        return x * 2
+
+    _vmap(f)(torch.ones(2, 3))
+    torch.func.vmap(f)(torch.ones(2, 3))
+    f(torch.ones(2))
+    assert seen == [True, False, False]
+
+
+def test_unpack_dual_matches_forward_ad():
+    x, t = torch.randn(3), torch.randn(3)
+    assert _torch.unpack_dual(x) == (x, None)  # no level open
+    with forward_ad.dual_level():
+        dual = forward_ad.make_dual(x, t)
+        primal, tangent = _torch.unpack_dual(dual)
+        assert torch.equal(primal, x) and torch.equal(tangent, t)
+        assert _torch.unpack_dual(x)[1] is None
+        assert torch.equal(_torch.primal_of(dual), forward_ad.unpack_dual(dual).primal)

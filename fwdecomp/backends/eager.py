@@ -2,7 +2,9 @@
 
 Precedence: an operator's JVP rule (:mod:`fwdecomp.jvp_rules`, the fast
 path its author wrote) wins over its decomposition; unregistering the rule
-brings the decomposition back.
+brings the decomposition back. A built-in decomposition's tangent rule
+(:mod:`fwdecomp.tangent_rules`) runs instead of it where no reverse mode can
+record the call.
 
 Importing this module installs an :class:`EagerBackend` as the process-wide
 implementation of the decomposition interface (``import fwdecomp`` does it).
@@ -29,13 +31,20 @@ import torch
 from torch.autograd import forward_ad
 from torch.overrides import TorchFunctionMode
 
-from fwdecomp import jvp_rules, registry
+from fwdecomp import jvp_rules, registry, tangent_rules
 from fwdecomp._torch import OpOverload, dual_level_active, qualified_name, schema_of, tangent_of
 from fwdecomp.contract import DecompositionError, check_results, describe_function
 from fwdecomp.interface import DecompositionInterface, Registerer
 from fwdecomp.stack import results_to_stack, stack_to_arguments
 
-__all__ = ["ZERO_TANGENT_MAX_NUMEL", "EagerBackend", "ScalarOverloads", "run_registered", "with_zero_tangents"]
+__all__ = [
+    "ZERO_TANGENT_MAX_NUMEL",
+    "EagerBackend",
+    "ScalarOverloads",
+    "run_registered",
+    "run_tangent_rule",
+    "with_zero_tangents",
+]
 
 #: In a call whose tensors hold at most this many elements together, tangent-less
 #: floating-point inputs get a materialised zero tangent before the decomposition
@@ -199,8 +208,15 @@ class EagerBackend(DecompositionInterface):
         rule = jvp_rules.lookup(op) or jvp_rules.lookup_schema(schema_of(op))
         if rule is not None:
             jvp_rules.run_rule(op, stack, rule)
-        else:
+        elif not run_tangent_rule(op, stack):
             run_registered(op, stack, self.zero_tangent_max_numel)
+
+
+def run_tangent_rule(op: OpOverload, stack: list[Any]) -> bool:
+    """Run the tangent rule of ``op``'s registered decomposition if it has one that applies
+    (:mod:`fwdecomp.tangent_rules`); ``False`` leaves ``stack`` as it was."""
+    entry = registry.lookup(op) or registry.lookup_schema(schema_of(op))
+    return entry is not None and tangent_rules.try_rule(op, stack, entry.fn)
 
 
 _registerer = Registerer(EagerBackend())

@@ -18,9 +18,10 @@ Example:
     >>> fwdecomp.use_backend("graph")
     >>> graph.cache_clear()
     >>> x = torch.randn(6, 3, dtype=torch.float64)
+    >>> pdist = lambda a: torch.pdist(a, p=1.0)
     >>> with fwdecomp.enabled():
-    ...     out, tangent = torch.func.jvp(torch.pdist, (x,), (torch.ones_like(x),))
-    ...     out, tangent = torch.func.jvp(torch.pdist, (x,), (torch.ones_like(x),))
+    ...     out, tangent = torch.func.jvp(pdist, (x,), (torch.ones_like(x),))
+    ...     out, tangent = torch.func.jvp(pdist, (x,), (torch.ones_like(x),))
     >>> info = graph.cache_info()
     >>> info.misses, info.hits, info.graphs
     (1, 1, 1)
@@ -121,7 +122,7 @@ import torch.fx
 from fwdecomp import _torch, jvp_rules, registry
 from fwdecomp._tables import text_table
 from fwdecomp._torch import OpOverload, qualified_name, schema_of
-from fwdecomp.backends.eager import EagerBackend
+from fwdecomp.backends.eager import EagerBackend, run_tangent_rule
 from fwdecomp.cli import audit_view
 from fwdecomp.closure import ClosureError, ClosureMode, forward_route
 from fwdecomp.contract import DecompositionError, check_results
@@ -574,6 +575,8 @@ class GraphBackend(DecompositionInterface):
     def run_decomposition(self, op: OpOverload, stack: list[Any]) -> None:
         if not _graph_can_run(op) or _torch.dispatch_modes_active():
             self._eager.run_decomposition(op, stack)
+            return
+        if run_tangent_rule(op, stack):  # a fused-kernel JVP: nothing to trace
             return
         try:
             key, leaves = _signature(op, stack, self.tracing_mode == "symbolic")

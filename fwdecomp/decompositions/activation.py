@@ -6,7 +6,7 @@
 The backward is ``grad_output / 6`` strictly inside ``-3 < self < 3`` and 0
 elsewhere, as the kernel computes it: linear in ``grad_output``, with zero
 derivative in ``self`` (the second derivative of hardsigmoid is 0 wherever it
-exists).
+exists). So its tangent rule is the kernel applied to ``grad_output``'s tangent.
 
 Example:
     >>> import torch, torch.nn.functional as F, fwdecomp
@@ -25,6 +25,7 @@ import torch
 
 from fwdecomp.decompositions import builtin
 from fwdecomp.registry import Sample
+from fwdecomp.tangent_rules import multilinear, with_tangent_rule
 
 aten = torch.ops.aten
 
@@ -45,6 +46,7 @@ def _hardsigmoid_backward_samples(device: str, dtype: torch.dtype) -> Iterator[S
 
 
 @builtin(aten.hardsigmoid_backward.default, samples=_hardsigmoid_backward_samples)
+@with_tangent_rule(multilinear(aten.hardsigmoid_backward.default, (("grad_output",),), constant=("self",)))
 def hardsigmoid_backward(grad_output: torch.Tensor, self: torch.Tensor) -> torch.Tensor:
     """``grad_output / 6`` where ``-3 < self < 3``, else 0."""
     inside = (self.detach() > -3) & (self.detach() < 3)

@@ -25,6 +25,7 @@ import torch
 from fwdecomp.decompositions import builtin
 from fwdecomp.decompositions._util import p_norm_gradient, p_norm_of_differences, safe_sqrt
 from fwdecomp.registry import Sample
+from fwdecomp.tangent_rules import with_tangent_rule
 
 aten = torch.ops.aten
 
@@ -82,7 +83,55 @@ def _gram_sqrt(squared: torch.Tensor) -> torch.Tensor:
     return squared.clamp_min(torch.finfo(squared.dtype).tiny).sqrt()
 
 
+def _divide_where_positive(numerator: torch.Tensor, distance: torch.Tensor) -> torch.Tensor:
+    """``numerator / distance``, 0 where the distance is 0 (the derivative PyTorch gives there).
+
+    On CPU the mask costs as much as the division (a 4M-entry ``where``: ~7 ms); distances
+    are rarely 0, so it is applied only when the smallest is (or when the check cannot run:
+    inside ``vmap`` over the distances).
+    """
+    quotient = numerator / distance
+    if distance.device.type == "cpu" and distance.numel():
+        try:
+            if bool(distance.min() > 0):
+                return quotient
+        except RuntimeError:  # data-dependent control flow under vmap
+            pass
+    return torch.where(distance > 0, quotient, numerator.new_zeros(()))
+
+
+def _distance_tangent_numerator(
+    x1: torch.Tensor, dx1: torch.Tensor | None, x2: torch.Tensor, dx2: torch.Tensor | None
+) -> torch.Tensor:
+    """``<x1_i - x2_j, dx1_i - dx2_j>`` for every row pair, as one matrix product.
+
+    ``[x1, dx1, <x1, dx1>, 1] @ [-dx2, -x2, 1, <x2, dx2>]^T`` (a missing tangent is zeros).
+    """
+    dx1 = torch.zeros_like(x1) if dx1 is None else dx1
+    dx2 = torch.zeros_like(x2) if dx2 is None else dx2
+    ones1, ones2 = x1.new_ones((*x1.shape[:-1], 1)), x2.new_ones((*x2.shape[:-1], 1))
+    left = torch.cat([x1, dx1, (x1 * dx1).sum(-1, keepdim=True), ones1], -1)
+    right = torch.cat([-dx2, -x2, ones2, (x2 * dx2).sum(-1, keepdim=True)], -1)
+    return left @ right.mT
+
+
+_MATMUL_DTYPES = (torch.float32, torch.float64)
+
+
+def _euclidean_dist_rule(primals: list, tangents: list):
+    """``d(d_ij) = <x1_i - x2_j, dx1_i - dx2_j> / d_ij``: one matrix product twice the primal's width."""
+    x1, x2 = primals
+    out = aten._euclidean_dist(x1, x2)
+    if tangents[0] is None and tangents[1] is None:
+        return out, None
+    if x1.dtype not in _MATMUL_DTYPES or x2.dtype != x1.dtype:
+        return NotImplemented  # reduced precision: the decomposition's float32 accumulation
+    numerator = _distance_tangent_numerator(x1, tangents[0], x2, tangents[1])
+    return out, _divide_where_positive(numerator, out).to(out.dtype)
+
+
 @builtin(aten._euclidean_dist.default, samples=_euclidean_samples)
+@with_tangent_rule(_euclidean_dist_rule)
 def euclidean_dist(x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
     """Euclidean distances by the matrix-multiply expansion PyTorch uses."""
     x1_norm = (x1 * x1).sum(-1, keepdim=True)
@@ -163,11 +212,30 @@ def _pdist_samples(device: str, dtype: torch.dtype) -> Iterator[Sample]:
     gen = _rng(device)
     for p in (0.0, 0.5, 1.0, 2.0, 3.5, math.inf):
         yield Sample((_randn(6, 3, dtype=dtype, device=device, gen=gen), p), note=f"p={p}")
+    repeated = _randn(4, 3, dtype=dtype, device=device, gen=gen)
+    repeated[2] = repeated[0]  # a pair at distance 0: derivative 0, as PyTorch's
+    yield Sample((repeated, 2.0), note="p=2, a repeated row")
     yield Sample((_randn(1, 3, dtype=dtype, device=device, gen=gen), 2.0), note="one row")
     yield Sample((_randn(4, 0, dtype=dtype, device=device, gen=gen), 2.0), note="zero columns")
 
 
+def _pdist_rule(primals: list, tangents: list):
+    """p = 2: the pair entries of :func:`_distance_tangent_numerator` (``x`` with itself) over the distances."""
+    x, p = primals
+    out = aten._pdist_forward(x, p)
+    if tangents[0] is None:
+        return out, None
+    if p != 2 or x.shape[-1] == 0 or x.dtype not in _MATMUL_DTYPES:
+        return NotImplemented
+    dx = tangents[0]
+    numerator = _distance_tangent_numerator(x, dx, x, dx)
+    first, second = _pairs(x.shape[0], x.device)
+    pairs = numerator.reshape(-1).index_select(0, first * x.shape[0] + second)
+    return out, _divide_where_positive(pairs, out)
+
+
 @builtin(aten._pdist_forward.default, samples=_pdist_samples)
+@with_tangent_rule(_pdist_rule)
 def pdist_forward(self: torch.Tensor, p: float = 2.0) -> torch.Tensor:
     """Distances between all row pairs ``i < j``, in row-major order, like ``torch.pdist``."""
     _check_pdist_input(self)
@@ -197,7 +265,7 @@ def _euclidean_pdist(x: torch.Tensor, first: torch.Tensor, second: torch.Tensor)
 def _pdist_backward_samples(device: str, dtype: torch.dtype) -> Iterator[Sample]:
     for sample in _pdist_samples(device, dtype):  # p=inf: see _cdist_backward_samples
         x, p = sample.args
-        if p == math.inf:
+        if p == math.inf or "repeated" in sample.note:  # at distance 0 the backward is not differentiable
             continue
         dist = aten._pdist_forward(x, p)
         grad = torch.randn(dist.shape, dtype=dtype, device=device, generator=_rng(device))

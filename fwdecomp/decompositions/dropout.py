@@ -14,6 +14,7 @@ scale)``, takes the mask as an argument, so it is deterministic:
 ``grad_output * mask * scale``. It has no forward formula, which broke
 forward mode through the operator itself and forward-over-reverse where it is
 reached (PyTorch's reverse mode of dropout calls it when no graph is built).
+Its tangent rule is the kernel applied to ``grad_output``'s tangent.
 
 Example:
     >>> import torch, fwdecomp
@@ -34,6 +35,7 @@ import torch
 
 from fwdecomp.decompositions import builtin
 from fwdecomp.registry import Sample
+from fwdecomp.tangent_rules import multilinear, with_tangent_rule
 
 aten = torch.ops.aten
 
@@ -59,6 +61,7 @@ def _native_dropout_backward_samples(device: str, dtype: torch.dtype) -> Iterato
 
 
 @builtin(aten.native_dropout_backward.default, samples=_native_dropout_backward_samples)
+@with_tangent_rule(multilinear(aten.native_dropout_backward.default, (("grad_output",),), constant=("mask",)))
 def native_dropout_backward(grad_output: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
     """``grad_output * mask * scale``: the cotangent through the kept entries, rescaled."""
     return grad_output * mask.detach().to(grad_output.dtype) * scale

@@ -51,6 +51,7 @@ from fwdecomp._torch import OpOverload
 from fwdecomp.contract import meta_shapes_unreliable
 from fwdecomp.decompositions import builtin
 from fwdecomp.registry import Sample
+from fwdecomp.tangent_rules import TangentRule, multilinear, with_tangent_rule
 
 aten = torch.ops.aten
 
@@ -186,7 +187,34 @@ def _bag_samples(device: str, dtype: torch.dtype) -> Iterator[Sample]:
     yield Sample((randn(10, 3), longs(), longs(0, 0), False, MEAN, False, None, False, -1), note="no indices")
 
 
+def _bag_rule(op: OpOverload) -> TangentRule:
+    """The tangent rule of ``_embedding_bag`` (and its forward-only twin): the kernel itself.
+
+    ``sum`` and ``mean`` are linear in ``weight`` and in ``per_sample_weights``: the
+    tangent is the kernel applied to each tangent in turn. ``max`` picks one row per bag
+    and column: the weight's tangent at the ``max_indices`` the kernel returns (0 for an
+    empty bag).
+    """
+    linear = multilinear(op, (("weight",), ("per_sample_weights",)))
+
+    def rule(primals: list, tangents: list):
+        if primals[4] != MAX:
+            return linear(primals, tangents)
+        if any(t is not None for t in tangents[1:]):
+            return NotImplemented
+        outputs = op(*primals)
+        out, _, bag_size, max_indices = outputs
+        if tangents[0] is None:
+            return outputs, None
+        picked = tangents[0].gather(0, max_indices.clamp(min=0).long())
+        empty = (bag_size[: out.shape[0]] == 0).unsqueeze(1) | (max_indices < 0)
+        return outputs, (picked.masked_fill(empty, 0), None, None, None)
+
+    return rule
+
+
 @builtin(aten._embedding_bag.default, samples=_bag_samples)
+@with_tangent_rule(_bag_rule(aten._embedding_bag.default))
 def embedding_bag(
     weight: torch.Tensor,
     indices: torch.Tensor,
@@ -224,6 +252,7 @@ def _forward_only_samples(device: str, dtype: torch.dtype) -> Iterator[Sample]:
 
 
 @builtin(aten._embedding_bag_forward_only.default, samples=_forward_only_samples)
+@with_tangent_rule(_bag_rule(aten._embedding_bag_forward_only.default))
 def embedding_bag_forward_only(
     weight: torch.Tensor,
     indices: torch.Tensor,
@@ -324,6 +353,7 @@ def _dense_backward_samples(device: str, dtype: torch.dtype) -> Iterator[Sample]
 
 
 @builtin(aten._embedding_bag_dense_backward.default, samples=_dense_backward_samples)
+@with_tangent_rule(multilinear(aten._embedding_bag_dense_backward.default, (("grad",), ("per_sample_weights",))))
 def embedding_bag_dense_backward(
     grad: torch.Tensor,
     indices: torch.Tensor,
@@ -371,6 +401,13 @@ def _backward_samples(device: str, dtype: torch.dtype) -> Iterator[Sample]:
 
 
 @builtin(aten._embedding_bag_backward.default, samples=_backward_samples)
+@with_tangent_rule(
+    multilinear(
+        aten._embedding_bag_backward.default,
+        (("grad",), ("per_sample_weights",)),
+        declines=lambda primals, tangents: primals[9],  # sparse: the decomposition says why it cannot
+    )
+)
 def embedding_bag_backward(
     grad: torch.Tensor,
     indices: torch.Tensor,
@@ -428,6 +465,7 @@ def _per_sample_weights_backward_samples(device: str, dtype: torch.dtype) -> Ite
 
 
 @builtin(aten._embedding_bag_per_sample_weights_backward.default, samples=_per_sample_weights_backward_samples)
+@with_tangent_rule(multilinear(aten._embedding_bag_per_sample_weights_backward.default, (("grad",), ("weight",))))
 def embedding_bag_per_sample_weights_backward(
     grad: torch.Tensor,
     weight: torch.Tensor,

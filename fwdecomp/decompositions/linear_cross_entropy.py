@@ -65,6 +65,7 @@ import torch
 
 from fwdecomp.decompositions import builtin
 from fwdecomp.registry import Sample
+from fwdecomp.tangent_rules import with_tangent_rule
 
 __all__ = ["AVAILABLE"]
 
@@ -128,6 +129,13 @@ def _scalar_samples(device: str, dtype: torch.dtype) -> Iterator[Sample]:
             tangents=(0, 1),
             unreliable=_NATIVE_REVERSE,
         )
+    for reduction in ("mean", "sum"):  # what F.linear_cross_entropy passes when nothing requires grad
+        tail = ("compact", dtype, True, False, False, False)
+        yield Sample(
+            (randn(8, 3), randn(4, 3), target, randn(4), None, reduction, 1, 0.0, 3, *tail),
+            note=f"{reduction}, linear bias, no gradient outputs",
+            unreliable={"reverse": "asked for no gradient outputs, the kernel's backward returns no gradient"},
+        )
     yield Sample(
         (
             randn(8, 3),
@@ -166,12 +174,90 @@ def _no_reduction_samples(device: str, dtype: torch.dtype) -> Iterator[Sample]:
     )
 
 
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return a.reshape(-1) @ b.reshape(-1).to(a.dtype)
+
+
+def _scalar_rule(primals: list, tangents: list):
+    """The loss's tangent from the gradients the operator itself computes: ``<grad, tangent>`` summed.
+
+    Only for calls that ask for no gradient outputs (what ``F.linear_cross_entropy`` passes
+    where nothing requires grad): a gradient output's tangent is a second derivative, which
+    the decomposition gives. Class-weight tangents decline too (not differentiated).
+    """
+    input, linear_weight = primals[0], primals[1]
+    d_input, d_weight, d_bias = tangents[0], tangents[1], tangents[3]
+    if any(primals[12:15]) or tangents[4] is not None:
+        return NotImplemented
+    op = torch.ops.torch_nn._linear_cross_entropy_batch_chunked.default
+    need = (d_input is not None, d_weight is not None, d_bias is not None)
+    loss, *grads = op(*primals[:12], *need)
+    tangent = None
+    for gradient, direction, needed in zip(grads, (d_input, d_weight, d_bias), need):
+        if needed:
+            term = _dot(gradient, direction)
+            tangent = term if tangent is None else tangent + term
+    empties = (  # the gradient outputs not asked for, as the kernel returns them
+        input.new_empty((0, 0)),
+        torch.empty((0, 0), dtype=input.dtype, device=linear_weight.device),
+        input.new_empty((0,)),
+    )
+    return (loss, *empties), (None if tangent is None else tangent.to(loss.dtype), None, None, None)
+
+
+def _no_reduction_rule(primals: list, tangents: list):
+    """Per-sample losses and their tangents, chunk by chunk like the kernel (the logits never whole).
+
+    ``loss_n = w_n (logsumexp(l_n) - l_n[t_n])`` with ``l = input W^T + b``; its tangent is
+    ``w_n (<p_n, dl_n> - dl_n[t_n])``, ``p = softmax(l)``, ``dl = d_input W^T + input d_W^T + d_b``.
+    ``<p_n, dl_n>`` is taken as ``<(p [W, d_W])_n, [d_input, input]_n>``: one product of the
+    probabilities with the weights and their tangent, no ``dl`` the size of the logits. The
+    values are computed like the decomposition's (in the input's dtype). Class-weight
+    tangents decline (not differentiated).
+    """
+    input, linear_weight, target, linear_bias, weight, ignore_index, chunk = primals[:7]
+    d_input, d_weight, d_bias = tangents[0], tangents[1], tangents[3]
+    if tangents[4] is not None or (d_input is None and d_weight is None and d_bias is None):
+        return NotImplemented
+    kept = target != ignore_index
+    safe_target = torch.where(kept, target, 0)
+    w = kept.to(input.dtype)
+    if weight is not None:
+        w = w * weight.to(input.dtype)[safe_target]
+    # (matrix, partner): <p W, d_input> and <p d_W, input>, for the tangents present
+    pairs = [(m, x) for m, x in ((linear_weight, d_input), (d_weight, input)) if m is not None and x is not None]
+    stacked = torch.cat([m for m, _ in pairs], 1) if pairs else None
+    width = linear_weight.shape[1]
+    losses, parts = [], []
+    step = max(int(chunk), 1)
+    for start in range(0, input.shape[0], step):
+        rows = slice(start, start + step)
+        x, t = input[rows], safe_target[rows]
+        logits = x @ linear_weight.mT if linear_bias is None else torch.addmm(linear_bias, x, linear_weight.mT)
+        losses.append(logits.logsumexp(1) - logits.gather(1, t.unsqueeze(1)).squeeze(1))
+        p = logits.softmax(1)
+        tangent = torch.zeros_like(losses[-1])
+        if stacked is not None:
+            weighted = p @ stacked
+            for k, (m, partner) in enumerate(pairs):
+                seen = (weighted[:, k * width : (k + 1) * width] * partner[rows]).sum(1)
+                tangent = tangent + seen - (m[t] * partner[rows]).sum(1)
+        if d_bias is not None:
+            tangent = tangent + p @ d_bias - d_bias[t]
+        parts.append(tangent)
+    if not parts:
+        empty = input.new_zeros((0,))
+        return empty, empty
+    return (w * torch.cat(losses)).to(input.dtype), (w * torch.cat(parts)).to(input.dtype)
+
+
 if AVAILABLE:
     import torch.nn.modules.linear_cross_entropy  # defines the operators
 
     # float64 samples only: the checks' finite differences run in float64, and the operator refuses
     # an acc_dtype (an argument, so not widened with the inputs) below its inputs' precision
     @builtin(_SCALAR, samples=_scalar_samples, dtypes=(torch.float64,))
+    @with_tangent_rule(_scalar_rule)
     def linear_cross_entropy_batch_chunked(
         input: torch.Tensor,
         linear_weight: torch.Tensor,
@@ -206,6 +292,7 @@ if AVAILABLE:
         )
 
     @builtin(_NO_REDUCTION, samples=_no_reduction_samples, dtypes=(torch.float64,))
+    @with_tangent_rule(_no_reduction_rule)
     def linear_cross_entropy_batch_chunked_no_reduction(
         input: torch.Tensor,
         linear_weight: torch.Tensor,

@@ -35,6 +35,7 @@ import torch
 
 from fwdecomp.decompositions import builtin
 from fwdecomp.registry import Sample
+from fwdecomp.tangent_rules import with_tangent_rule
 
 aten = torch.ops.aten
 
@@ -104,7 +105,26 @@ def _mse_loss_backward_samples(device: str, dtype: torch.dtype) -> Iterator[Samp
             yield Sample(args, note=note)
 
 
+def _mse_loss_backward_rule(primals: list, tangents: list):
+    """Linear in ``grad_output`` and in ``self - target``: the kernel twice. The second call keeps
+    ``self`` (the mean's normaliser reads its size, also under ``vmap``) and passes
+    ``self - (d_self - d_target)`` as the target."""
+    grad_output, self, target, reduction = primals
+    d_grad, d_self, d_target = tangents[:3]
+    out = aten.mse_loss_backward(*primals)
+    tangent = None if d_grad is None else aten.mse_loss_backward(d_grad, self, target, reduction)
+    if d_self is not None or d_target is not None:
+        if d_target is None:
+            shifted = self - d_self
+        else:
+            shifted = self + d_target if d_self is None else self - (d_self - d_target)
+        term = aten.mse_loss_backward(grad_output, self, shifted, reduction)
+        tangent = term if tangent is None else tangent + term
+    return out, None if tangent is None else tangent.expand(out.shape).to(out.dtype)
+
+
 @builtin(aten.mse_loss_backward.default, samples=_mse_loss_backward_samples)
+@with_tangent_rule(_mse_loss_backward_rule)
 def mse_loss_backward(
     grad_output: torch.Tensor, self: torch.Tensor, target: torch.Tensor, reduction: int
 ) -> torch.Tensor:
@@ -121,7 +141,23 @@ def _huber_loss_backward_samples(device: str, dtype: torch.dtype) -> Iterator[Sa
         yield Sample((*args, delta), note=f"{note}, delta={delta}")
 
 
+def _huber_loss_backward_rule(primals: list, tangents: list):
+    """Linear in ``grad_output``; in ``self - target`` the slope is 1 inside ``delta``, 0 beyond."""
+    grad_output, self, target, reduction, delta = primals
+    d_grad, d_self, d_target = tangents[:3]
+    out = aten.huber_loss_backward(*primals)
+    tangent = None if d_grad is None else aten.huber_loss_backward(d_grad, *primals[1:])
+    if d_self is not None or d_target is not None:
+        step = d_self if d_target is None else (-d_target if d_self is None else d_self - d_target)
+        # grad_output * step where |self - target| < delta, else 0: one fused kernel
+        inside = aten.hardtanh_backward(grad_output * step, self - target, -delta, delta)
+        norm = _norm(self, reduction)
+        tangent = inside * norm if tangent is None else torch.add(tangent, inside, alpha=norm)
+    return out, None if tangent is None else tangent.expand(out.shape).to(out.dtype)
+
+
 @builtin(aten.huber_loss_backward.default, samples=_huber_loss_backward_samples)
+@with_tangent_rule(_huber_loss_backward_rule)
 def huber_loss_backward(
     grad_output: torch.Tensor, self: torch.Tensor, target: torch.Tensor, reduction: int, delta: float
 ) -> torch.Tensor:
@@ -146,7 +182,21 @@ def _soft_margin_loss_backward_samples(device: str, dtype: torch.dtype) -> Itera
     yield Sample((grad, self, target, _NONE), note="real-valued target", prepare=held(None, None, target))
 
 
+def _soft_margin_loss_backward_rule(primals: list, tangents: list):
+    """Linear in ``grad_output``; ``d out / d self = -out * target * sigmoid(target * self)``
+    (the target is not differentiated, as in the decomposition)."""
+    _, self, target, _ = primals
+    d_grad, d_self = tangents[:2]
+    out = aten.soft_margin_loss_backward(*primals)
+    tangent = None if d_grad is None else aten.soft_margin_loss_backward(d_grad, *primals[1:])
+    if d_self is not None:
+        slope = torch.sigmoid(target * self) * d_self
+        tangent = -(out * target) * slope if tangent is None else torch.addcmul(tangent, out * target, slope, value=-1)
+    return out, None if tangent is None else tangent.expand(out.shape).to(out.dtype)
+
+
 @builtin(aten.soft_margin_loss_backward.default, samples=_soft_margin_loss_backward_samples)
+@with_tangent_rule(_soft_margin_loss_backward_rule)
 def soft_margin_loss_backward(
     grad_output: torch.Tensor, self: torch.Tensor, target: torch.Tensor, reduction: int
 ) -> torch.Tensor:

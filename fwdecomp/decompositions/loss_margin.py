@@ -29,13 +29,15 @@ Example:
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
+from fwdecomp._torch import OpOverload
 from fwdecomp.contract import meta_shapes_unreliable
 from fwdecomp.decompositions import builtin
 from fwdecomp.registry import Sample
+from fwdecomp.tangent_rules import TangentRule, multilinear, with_tangent_rule
 
 aten = torch.ops.aten
 
@@ -133,7 +135,35 @@ def _multi_margin_samples(device: str, dtype: torch.dtype) -> Iterator[Sample]:
     yield Sample((randn(5), target[0], 1, 1.0, weight, NONE), note="1-D input, 0-D target", tangents=(0,))
 
 
+def _loss_rule(op: OpOverload, backward: Callable[[list, torch.Tensor], torch.Tensor]) -> TangentRule:
+    """The tangent rule of a margin loss: its gradient kernel, contracted with ``self``'s tangent.
+
+    ``backward(primals, outputs)`` is the loss's gradient with respect to ``self`` for a
+    unit ``grad_output`` (per frame for ``reduction='none'``). Tangents of the other
+    arguments decline (the decomposition runs).
+    """
+
+    def rule(primals: list, tangents: list):
+        if any(t is not None for t in tangents[1:]):
+            return NotImplemented
+        outputs = op(*primals)
+        loss = outputs[0] if isinstance(outputs, tuple) else outputs
+        if tangents[0] is None:
+            return outputs, None
+        product = backward(primals, outputs) * tangents[0]
+        tangent = (product.sum(-1) if loss.dim() else product.sum()).reshape(loss.shape)
+        return outputs, ((tangent, None) if isinstance(outputs, tuple) else tangent)
+
+    return rule
+
+
 @builtin(aten.multi_margin_loss.default, samples=_multi_margin_samples)
+@with_tangent_rule(
+    _loss_rule(
+        aten.multi_margin_loss.default,
+        lambda primals, loss: aten.multi_margin_loss_backward(torch.ones_like(loss), *primals),
+    )
+)
 def multi_margin_loss(
     self: torch.Tensor,
     target: torch.Tensor,
@@ -165,6 +195,14 @@ def _multi_margin_backward_samples(device: str, dtype: torch.dtype) -> Iterator[
 
 
 @builtin(aten.multi_margin_loss_backward.default, samples=_multi_margin_backward_samples)
+@with_tangent_rule(
+    multilinear(
+        aten.multi_margin_loss_backward.default,
+        (("grad_output",),),
+        constant=("self", "weight"),  # piecewise constant in self for p = 1; weight is not differentiated
+        declines=lambda primals, tangents: primals[3] != 1 and tangents[1] is not None,
+    )
+)
 def multi_margin_loss_backward(
     grad_output: torch.Tensor,
     self: torch.Tensor,
@@ -246,6 +284,14 @@ def _multilabel_samples(device: str, dtype: torch.dtype) -> Iterator[Sample]:
 
 
 @builtin(aten.multilabel_margin_loss_forward.default, samples=_multilabel_samples)
+@with_tangent_rule(
+    _loss_rule(
+        aten.multilabel_margin_loss_forward.default,
+        lambda primals, outputs: aten.multilabel_margin_loss_backward(
+            torch.ones_like(outputs[0]), *primals, outputs[1]
+        ),
+    )
+)
 def multilabel_margin_loss_forward(
     self: torch.Tensor, target: torch.Tensor, reduction: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -270,6 +316,9 @@ def _multilabel_backward_samples(device: str, dtype: torch.dtype) -> Iterator[Sa
 
 # float64 only: finite differences widen only the differentiated inputs, and is_target (input dtype) is not one
 @builtin(aten.multilabel_margin_loss_backward.default, samples=_multilabel_backward_samples, dtypes=(torch.float64,))
+@with_tangent_rule(
+    multilinear(aten.multilabel_margin_loss_backward.default, (("grad_output",),), constant=("self", "is_target"))
+)
 def multilabel_margin_loss_backward(
     grad_output: torch.Tensor, self: torch.Tensor, target: torch.Tensor, reduction: int, is_target: torch.Tensor
 ) -> torch.Tensor:

@@ -54,6 +54,7 @@ import torch
 from fwdecomp.contract import meta_agrees, meta_shapes_unreliable
 from fwdecomp.decompositions import builtin
 from fwdecomp.registry import Sample
+from fwdecomp.tangent_rules import multilinear, with_tangent_rule
 
 aten = torch.ops.aten
 
@@ -136,7 +137,21 @@ def _index_reduce_prod(self, dim, index, source, include_self):
     return product.movedim(0, dim)
 
 
+def _not_linear(reduce: int, initial: int):
+    """``declines`` for a segment reduction's tangent rule: only ``sum`` and ``mean`` without ``initial`` are linear."""
+
+    def declines(primals: list, tangents: list) -> bool:
+        return primals[reduce] not in ("sum", "mean") or primals[initial] is not None
+
+    return declines
+
+
 @builtin(aten.index_reduce.default, samples=lambda device, dtype: _index_reduce_samples(device, dtype))
+@with_tangent_rule(
+    multilinear(  # the mean is linear in self and source together
+        aten.index_reduce.default, (("self", "source"),), declines=lambda primals, tangents: primals[4] != "mean"
+    )
+)
 def index_reduce(
     self: torch.Tensor,
     dim: int,
@@ -305,6 +320,7 @@ _declare_meta_bugs()
 
 
 @builtin(aten.segment_reduce.default, samples=lambda device, dtype: _segment_reduce_samples(device, dtype))
+@with_tangent_rule(multilinear(aten.segment_reduce.default, (("data",),), declines=_not_linear(1, 7)))
 def segment_reduce(
     data: torch.Tensor,
     reduce: str,
@@ -443,6 +459,11 @@ def _segment_reduce_backward_samples(device: str, dtype: torch.dtype) -> Iterato
 @builtin(
     aten._segment_reduce_backward.default,
     samples=lambda device, dtype: _segment_reduce_backward_samples(device, dtype),
+)
+@with_tangent_rule(
+    multilinear(
+        aten._segment_reduce_backward.default, (("grad",),), constant=("output", "data"), declines=_not_linear(3, 7)
+    )
 )
 def segment_reduce_backward(
     grad: torch.Tensor,

@@ -42,8 +42,10 @@ from typing import Iterator, Sequence
 
 import torch
 
+from fwdecomp._torch import OpOverload
 from fwdecomp.decompositions import builtin
 from fwdecomp.registry import Sample
+from fwdecomp.tangent_rules import TangentRule, add, with_tangent_rule
 
 aten = torch.ops.aten
 
@@ -365,7 +367,53 @@ def _grid_3d_samples(device: str, dtype: torch.dtype) -> Iterator[Sample]:
     yield from _grid_samples(device, dtype, 3)
 
 
+_REDUCED = (torch.float16, torch.bfloat16)
+
+
+def _grid_rule(op: OpOverload, backward: OpOverload) -> TangentRule:
+    """The tangent rule of ``grid_sampler_2d`` / ``_3d``: PyTorch's own kernels.
+
+    The output is linear in ``input``: its tangent's share is the kernel applied to
+    the input's tangent. The grid's share needs ``d out[n, c, p] / d grid[n, p, k]``
+    for every channel, which the backward kernel sums over channels; folding the
+    channels into the batch (``(N*C, 1, ...)`` input, the grid repeated per channel)
+    and back-propagating ones makes it return exactly those partial derivatives,
+    which are contracted with the grid's tangent. So every interpolation and padding
+    mode is differentiated as the kernel computes it.
+    """
+
+    def rule(primals: list, tangents: list):
+        input, grid, mode, padding, align = primals
+        d_input, d_grid = tangents[0], tangents[1]
+        out = op(*primals)
+        if out.dtype in _REDUCED:  # tangents in float32, as the decomposition computes them
+            input, grid = input.float(), grid.float()
+            d_input = None if d_input is None else d_input.float()
+            d_grid = None if d_grid is None else d_grid.float()
+        terms = []
+        if d_input is not None:
+            terms.append(op(d_input, grid, mode, padding, align))
+        if d_grid is not None:
+            batch, channels = input.shape[:2]
+            folded = input.reshape(batch * channels, 1, *input.shape[2:])
+            repeated = grid.unsqueeze(1).expand(batch, channels, *grid.shape[1:])
+            grids = repeated.reshape(batch * channels, *grid.shape[1:])
+            ones = torch.ones((batch * channels, 1, *out.shape[2:]), dtype=input.dtype, device=out.device)
+            _, partials = backward(ones, folded, grids, mode, padding, align, [False, True])
+            partials = partials.reshape(batch, channels, *grid.shape[1:])
+            d_grid = d_grid.unsqueeze(1)
+            term = partials[..., 0] * d_grid[..., 0]  # a sum over the coordinate axis, faster unrolled
+            for k in range(1, grid.shape[-1]):
+                term = torch.addcmul(term, partials[..., k], d_grid[..., k])
+            terms.append(term)
+        tangent = add(*terms)
+        return out, None if tangent is None else tangent.to(out.dtype)
+
+    return rule
+
+
 @builtin(aten.grid_sampler_2d.default, samples=_grid_2d_samples)
+@with_tangent_rule(_grid_rule(aten.grid_sampler_2d.default, aten.grid_sampler_2d_backward.default))
 def grid_sampler_2d(
     input: torch.Tensor, grid: torch.Tensor, interpolation_mode: int, padding_mode: int, align_corners: bool
 ) -> torch.Tensor:
@@ -374,6 +422,7 @@ def grid_sampler_2d(
 
 
 @builtin(aten.grid_sampler_3d.default, samples=_grid_3d_samples)
+@with_tangent_rule(_grid_rule(aten.grid_sampler_3d.default, aten.grid_sampler_3d_backward.default))
 def grid_sampler_3d(
     input: torch.Tensor, grid: torch.Tensor, interpolation_mode: int, padding_mode: int, align_corners: bool
 ) -> torch.Tensor:

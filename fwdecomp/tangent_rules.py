@@ -1,0 +1,222 @@
+"""Tangent rules: fused-kernel JVPs that speed up built-in decompositions where reverse mode cannot see them.
+
+A decomposition re-expresses an operator in operators with forward formulas,
+so it is right under every transform, forward-over-reverse included; but where
+PyTorch's fused kernel meets a gather/scatter or step-by-step decomposition
+(``grid_sample``, ``embedding_bag``, CTC, the margin losses) the JVP costs tens
+of primals. A *tangent rule* computes the tangents with PyTorch's own fused
+kernels instead — ``grid_sample`` of the image tangent, ``embedding_bag`` of
+the weight tangent, a loss's gradient kernel contracted with the tangent —
+JAX style, like a :mod:`JVP rule <fwdecomp.jvp_rules>`::
+
+    rule(primals, tangents) -> (outputs, output_tangents)  or  NotImplemented
+
+``NotImplemented`` declines a case the rule does not cover (a tangent on an
+argument it does not handle, a mode it does not know): the decomposition runs.
+
+When a rule runs: a forward-AD level is open and **nothing can record the
+call for reverse mode**: grad mode is off or no argument (primal or tangent,
+or a tensor under its ``torch.func`` wrappers) requires grad, and no
+``torch.func`` reverse transform (``grad``, ``vjp``, ``jacrev``, ``hessian``)
+is on the stack (nor gradcheck's legacy ``vmap``, whose batching rules
+are fewer). Then the rule's result is the
+decomposition's, computed faster. Otherwise the decomposition runs: a rule's
+outputs record the fused kernels' own backward on tangent-free primals, which
+forward-over-reverse within one forward-AD level would differentiate wrongly,
+and its tangent computation may use kernels without a double backward.
+
+A rule belongs to one built-in decomposition (the decorator below stores it
+on the function); :func:`disabled` switches every rule off, so the
+decompositions alone run (the tests check both ways). A user's
+``register_jvp`` or ``register_decomposition`` replaces the built-in entry,
+rule included.
+
+Example:
+    >>> import torch, fwdecomp
+    >>> from fwdecomp import tangent_rules
+    >>> image, grid = torch.randn(1, 2, 4, 4), torch.rand(1, 3, 3, 2) * 2 - 1
+    >>> f = lambda image: torch.nn.functional.grid_sample(image, grid, align_corners=False)
+    >>> with fwdecomp.enabled():
+    ...     _, fast = torch.func.jvp(f, (image,), (torch.ones_like(image),))
+    ...     with tangent_rules.disabled():
+    ...         _, decomposed = torch.func.jvp(f, (image,), (torch.ones_like(image),))
+    >>> torch.allclose(fast, decomposed, atol=1e-6)
+    True
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Any, Callable, Iterator, TypeVar
+
+import torch
+
+from fwdecomp import jvp_rules
+from fwdecomp._torch import OpOverload, grad_transform_active, is_legacy_batched, requires_grad_below, schema_of
+
+__all__ = [
+    "RULE_ATTRIBUTE",
+    "TangentRule",
+    "add",
+    "disabled",
+    "is_enabled",
+    "multilinear",
+    "reverse_mode_can_see",
+    "rule_of",
+    "try_rule",
+    "with_tangent_rule",
+]
+
+TangentRule = Callable[[list[Any], list[Any]], Any]
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: The attribute of a decomposition function that holds its tangent rule.
+RULE_ATTRIBUTE = "fwdecomp_tangent_rule"
+
+
+class _State(threading.local):
+    def __init__(self) -> None:
+        self.enabled = True
+
+
+_state = _State()
+
+
+def with_tangent_rule(rule: TangentRule) -> Callable[[F], F]:
+    """Give the decorated (built-in) decomposition ``rule`` as its fast path; apply below ``@builtin``."""
+
+    def decorator(fn: F) -> F:
+        setattr(fn, RULE_ATTRIBUTE, rule)
+        return fn
+
+    return decorator
+
+
+def rule_of(fn: Callable[..., Any]) -> TangentRule | None:
+    """The tangent rule stored on a decomposition function, or ``None``."""
+    return getattr(fn, RULE_ATTRIBUTE, None)
+
+
+def is_enabled() -> bool:
+    """Whether tangent rules run where they apply (this thread)."""
+    return _state.enabled
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Run the decompositions alone in this block (this thread), never a tangent rule."""
+    previous, _state.enabled = _state.enabled, False
+    try:
+        yield
+    finally:
+        _state.enabled = previous
+
+
+def _requires_grad(values: list[Any]) -> bool:
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            if requires_grad_below(value):
+                return True
+        elif isinstance(value, (list, tuple)) and _requires_grad([v for v in value if v is not None]):
+            return True
+    return False
+
+
+def reverse_mode_can_see(primals: list[Any], tangents: list[Any]) -> bool:
+    """Whether a call with these (split) arguments may be recorded for reverse mode (autograd or ``torch.func``)."""
+    if grad_transform_active():
+        return True
+    return torch.is_grad_enabled() and (_requires_grad(primals) or _requires_grad(tangents))
+
+
+def _legacy_vmap(tangents: list[Any]) -> bool:
+    """gradcheck's batched forward check (the legacy ``vmap``, with fewer batching rules): decompositions only."""
+    return any(isinstance(t, torch.Tensor) and is_legacy_batched(t) for t in tangents)
+
+
+def try_rule(op: OpOverload, stack: list[Any], fn: Callable[..., Any]) -> bool:
+    """Run the tangent rule of decomposition ``fn`` on ``stack`` if one applies (``False``: ``stack`` unchanged)."""
+    rule = rule_of(fn)
+    if rule is None or not _state.enabled:
+        return False
+    primals, tangents = jvp_rules.split_tangents(schema_of(op), stack)
+    if reverse_mode_can_see(primals, tangents) or _legacy_vmap(tangents):
+        return False
+    return jvp_rules.run_rule(
+        op, stack, jvp_rules.JvpRule(op, rule), may_decline=True, split=(primals, tangents), trusted=True
+    )
+
+
+# --- helpers for writing rules -------------------------------------------------------
+
+
+def add(*terms: torch.Tensor | None) -> torch.Tensor | None:
+    """The sum of the tangent terms that are not ``None`` (``None`` if all are)."""
+    present = [t for t in terms if t is not None]
+    if not present:
+        return None
+    total = present[0]
+    for term in present[1:]:
+        total = total + term
+    return total
+
+
+def _differentiable(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and (value.is_floating_point() or value.is_complex())
+
+
+def _add_outputs(left: Any, right: Any) -> Any:
+    if left is None:
+        return right
+    if isinstance(left, tuple):
+        return tuple(add(a, b) for a, b in zip(left, right))
+    return left + right
+
+
+def multilinear(
+    op: OpOverload,
+    groups: tuple[tuple[str, ...], ...],
+    *,
+    constant: tuple[str, ...] = (),
+    declines: Callable[[list[Any], list[Any]], bool] | None = None,
+) -> TangentRule:
+    """A rule for an operator that is linear in each *group* of arguments (named as in its schema).
+
+    The tangent is ``sum over groups of op(primals with the group replaced by its tangents)``
+    (a missing tangent in a group is zeros): exact when ``op`` is linear in each group
+    jointly and in each group separately (``index_reduce(self, ..., source, "mean")``: one
+    group ``("self", "source")``). Arguments named in ``constant``
+    have zero derivative almost everywhere (a mask, the input of a piecewise-constant
+    backward): their tangents are ignored. A tangent anywhere else, or
+    ``declines(primals, tangents)`` true, declines (the decomposition runs). Outputs that are
+    not floating point get no tangent.
+    """
+    names = [argument.name for argument in schema_of(op).arguments]
+    unknown = [n for group in (*groups, constant) for n in group if n not in names]
+    if unknown:
+        raise ValueError(f"fwdecomp: {op} has no argument(s) {unknown}; its schema names {names}")
+    positions = tuple(tuple(names.index(n) for n in group) for group in groups)
+    covered = {i for group in positions for i in group} | {names.index(n) for n in constant}
+
+    def rule(primals: list[Any], tangents: list[Any]) -> Any:
+        if any(t is not None for i, t in enumerate(tangents) if i not in covered):
+            return NotImplemented
+        if declines is not None and declines(primals, tangents):
+            return NotImplemented
+        outputs = jvp_rules.call(op, primals)
+        total = None
+        for group in positions:
+            if all(tangents[i] is None for i in group):
+                continue
+            arguments = list(primals)
+            for i in group:
+                arguments[i] = tangents[i] if tangents[i] is not None else torch.zeros_like(primals[i])
+            total = _add_outputs(total, jvp_rules.call(op, arguments))
+        if isinstance(outputs, tuple):
+            if total is None:
+                return outputs, None
+            return outputs, tuple(t if _differentiable(o) else None for o, t in zip(outputs, total))
+        return outputs, total
+
+    return rule

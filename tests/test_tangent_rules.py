@@ -1,0 +1,207 @@
+"""Tangent rules (fwdecomp.tangent_rules): the fused-kernel fast paths of built-in decompositions.
+
+Every rule must give the decomposition's tangents on every sample, must run
+where nothing records reverse mode (and only there), and must leave
+forward-over-reverse, nested levels and vmap correct.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+from numerics import close, fd
+from torch.autograd import forward_ad
+
+import fwdecomp
+from fwdecomp import jvp_rules, tangent_rules
+from fwdecomp.checks import differentiable_positions, sample_function
+
+aten = torch.ops.aten
+
+
+def _ops_with_rules() -> list:
+    return [op for op in fwdecomp.registry.operators() if tangent_rules.rule_of(fwdecomp.registry.lookup(op).fn)]
+
+
+def _cases():
+    for op in _ops_with_rules():
+        for index, sample in enumerate(fwdecomp.registry.lookup(op).samples("cpu", torch.float64)):
+            yield pytest.param(op, index, id=f"{op}-{index}-{sample.note}")
+
+
+@pytest.fixture
+def rule_calls(monkeypatch):
+    """Counts, per operator, the calls a tangent rule answered (True) or declined (False)."""
+    calls: collections.Counter = collections.Counter()
+    run_rule = jvp_rules.run_rule
+
+    def spy(op, stack, rule=None, **options):
+        answered = run_rule(op, stack, rule, **options)
+        calls[(op, answered)] += 1
+        return answered
+
+    monkeypatch.setattr(jvp_rules, "run_rule", spy)
+    return calls
+
+
+def _forward_ad(op, sample):
+    positions = differentiable_positions(sample)
+    f = sample_function(op, sample, positions)
+    primals = [sample.args[i] for i in positions]
+    gen = torch.Generator().manual_seed(0)
+    tangents = [torch.randn(p.shape, dtype=p.dtype, generator=gen) for p in primals]
+    with forward_ad.dual_level():
+        outs = f(*[forward_ad.make_dual(p, t) for p, t in zip(primals, tangents)])
+        return [forward_ad.unpack_dual(o) for o in outs]
+
+
+def test_some_builtin_decompositions_have_rules():
+    names = {str(op) for op in _ops_with_rules()}
+    assert {"aten.grid_sampler_2d.default", "aten._embedding_bag.default", "aten.mse_loss_backward.default"} <= names
+
+
+@pytest.mark.parametrize("op, index", list(_cases()))
+def test_rule_equals_decomposition(enabled, rule_calls, op, index):
+    """Same outputs, same tangents with the rule and with the decomposition alone (float64; 1e-6 relative,
+    since some kernels compute with float32 constants, hardsigmoid_backward's 1/6 say, that the
+    decompositions do not)."""
+    sample = list(fwdecomp.registry.lookup(op).samples("cpu", torch.float64))[index]
+    fast = _forward_ad(op, sample)
+    answered = rule_calls[(op, True)]
+    with tangent_rules.disabled():
+        slow = _forward_ad(op, sample)
+    assert rule_calls[(op, True)] == answered  # disabled: the rule did not run
+    for (value, tangent), (ref_value, ref_tangent) in zip(fast, slow):
+        torch.testing.assert_close(value, ref_value, rtol=1e-6, atol=1e-9, equal_nan=True)
+        if ref_tangent is None or (tangent is None and not ref_tangent.any()):
+            continue  # no tangent, or an all-zero one where the rule gives none
+        assert tangent is not None, "the rule dropped a tangent the decomposition gives"
+        torch.testing.assert_close(tangent, ref_tangent, rtol=1e-6, atol=1e-9, equal_nan=True)
+
+
+def test_each_rule_answers_some_sample(enabled, rule_calls):
+    for op in _ops_with_rules():
+        for sample in fwdecomp.registry.lookup(op).samples("cpu", torch.float64):
+            _forward_ad(op, sample)
+    silent = [str(op) for op in _ops_with_rules() if not rule_calls[(op, True)]]
+    assert not silent, f"rules that never answered: {silent}"
+
+
+def _grid_call():
+    gen = torch.Generator().manual_seed(0)
+    image = torch.randn(2, 3, 5, 4, dtype=torch.float64, generator=gen)
+    grid = torch.rand(2, 3, 2, 2, dtype=torch.float64, generator=gen) * 2.2 - 1.1
+    return image, grid
+
+
+def _grid_sample(image, grid):
+    return F.grid_sample(image, grid, align_corners=False, padding_mode="border")
+
+
+def test_rule_runs_only_where_reverse_mode_cannot_see(enabled, rule_calls):
+    image, grid = _grid_call()
+    op = aten.grid_sampler_2d.default
+
+    def run(image, grid):
+        with forward_ad.dual_level():
+            _grid_sample(image, forward_ad.make_dual(grid, torch.ones_like(grid)))
+
+    run(image, grid)
+    assert rule_calls[(op, True)] == 1
+    run(image.requires_grad_(), grid)  # recorded for reverse mode: the decomposition
+    assert rule_calls[(op, True)] == 1
+    with torch.no_grad():
+        run(image, grid)  # nothing recorded
+    assert rule_calls[(op, True)] == 2
+    image = image.detach()
+    torch.func.grad(lambda g: torch.func.jvp(lambda h: _grid_sample(image, h), (g,), (g,))[1].sum())(grid)
+    assert rule_calls[(op, True)] == 2  # torch.func reverse mode around it
+    torch.func.jvp(lambda g: _grid_sample(image, g), (grid,), (grid,))
+    assert rule_calls[(op, True)] == 3
+
+
+def test_forward_over_reverse_in_one_level(enabled):
+    """Hessian-vector product inside one forward_ad level: the decomposition runs, tangents are right."""
+    image, grid = _grid_call()
+    v = torch.randn_like(grid)
+
+    def gradient(g):
+        with torch.enable_grad():
+            g = g.detach().requires_grad_()
+            return torch.autograd.grad(_grid_sample(image, g).pow(2).sum(), g)[0]
+
+    with forward_ad.dual_level():
+        dual = forward_ad.make_dual(grid, v).requires_grad_()
+        (grad,) = torch.autograd.grad(_grid_sample(image, dual).pow(2).sum(), dual, create_graph=True)
+        hvp = forward_ad.unpack_dual(grad).tangent
+    close(hvp, fd(gradient, grid, v))
+
+
+def test_jacfwd_and_nested_jvp_through_a_rule(enabled, rule_calls):
+    image, grid = _grid_call()
+    f = lambda g: _grid_sample(image, g)  # noqa: E731
+    torch.testing.assert_close(torch.func.jacfwd(f)(grid), torch.func.jacrev(f)(grid))
+    assert rule_calls[(aten.grid_sampler_2d.default, True)] >= 1
+    v, w = torch.randn_like(grid), torch.randn_like(grid)
+    # second directional derivative, forward over forward: the rule at the inner level,
+    # and at the outer one the rule's own kernels differentiated
+    second = torch.func.jvp(lambda g: torch.func.jvp(f, (g,), (v,))[1], (grid,), (w,))[1]
+    close(second, fd(lambda g: torch.func.jvp(f, (g,), (v,))[1], grid, w))
+
+
+def test_reverse_mode_through_the_jvp(enabled):
+    """A loss of the JVP's tangent, backpropagated (consistency training): the decomposition runs."""
+    image, grid = _grid_call()
+    image.requires_grad_()
+    _, tangent = torch.func.jvp(lambda g: _grid_sample(image, g), (grid,), (torch.ones_like(grid),))
+    (got,) = torch.autograd.grad(tangent.pow(2).sum(), image)
+    with tangent_rules.disabled():
+        _, tangent = torch.func.jvp(lambda g: _grid_sample(image, g), (grid,), (torch.ones_like(grid),))
+        (want,) = torch.autograd.grad(tangent.pow(2).sum(), image)
+    close(got, want)
+
+
+def test_disabled_is_per_thread_and_restores():
+    assert tangent_rules.is_enabled()
+    with tangent_rules.disabled():
+        assert not tangent_rules.is_enabled()
+        seen = []
+        thread = threading.Thread(target=lambda: seen.append(tangent_rules.is_enabled()))
+        thread.start()
+        thread.join()
+        assert seen == [True]
+    assert tangent_rules.is_enabled()
+
+
+def test_multilinear_names_the_operator_for_an_unknown_argument():
+    with pytest.raises(ValueError, match=r"mse_loss_backward.*no argument.*'weight'"):
+        tangent_rules.multilinear(aten.mse_loss_backward.default, (("weight",),))
+
+
+def test_declined_case_runs_the_decomposition(enabled, rule_calls):
+    x = torch.randn(4, 3, dtype=torch.float64)
+    index = torch.tensor([0, 1, 1, 3])
+    src = torch.randn(4, 3, dtype=torch.float64)
+    with forward_ad.dual_level():
+        out = torch.index_reduce(forward_ad.make_dual(x, torch.ones_like(x)), 0, index, src, "amax")
+        assert forward_ad.unpack_dual(out).tangent is not None
+    assert rule_calls[(aten.index_reduce.default, False)] == 1
+    assert rule_calls[(aten.index_reduce.default, True)] == 0
+
+
+def test_user_registration_replaces_the_rule(enabled, rule_calls):
+    """A user's decomposition replaces the built-in entry, tangent rule included."""
+    seen = []
+
+    @fwdecomp.register_decomposition("aten::hardsigmoid_backward", replace=True)
+    def mine(grad_output, self):
+        seen.append(True)
+        return torch.where((self > -3) & (self < 3), grad_output / 6, 0)
+
+    g, x = torch.randn(5, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    torch.func.jvp(lambda g: aten.hardsigmoid_backward(g, x), (g,), (g,))
+    assert seen and not rule_calls
