@@ -17,7 +17,9 @@ repeats of:
   others plain), with the eager backend's materialised zero tangents on and off:
   the share of PyTorch's slow ZeroTensor path for mixed dual/plain inputs;
 - ``double backward``: ``torch.autograd.functional.jvp`` (the double-vjp trick,
-  PyTorch alone), where PyTorch can differentiate the operator's backward;
+  PyTorch alone), where PyTorch can differentiate the operator's backward; where
+  its tangents disagree with fwdecomp's (which the tests check against finite
+  differences) the cell says so and the summary does not count it;
 - ``central FD``: two primal calls.
 """
 
@@ -135,6 +137,33 @@ def _ratio(value: Any, base: Any) -> str:
     return ""
 
 
+def _tangents(variant: Variant, values: Any) -> list[torch.Tensor | None]:
+    if variant.setup:
+        variant.setup()
+    return list(values(variant.fn()))
+
+
+def _disagreement(variants: dict[str, Variant]) -> str:
+    """Where the double-backward trick's tangents differ from fwdecomp's: which output, how much ('' if none).
+
+    For some operators PyTorch's reverse mode treats outputs as constants, or returns no
+    gradient for arguments it was not asked about: the trick then runs, fast and wrong.
+    fwdecomp's tangents are checked against finite differences by the tests.
+    """
+    ours = _tangents(variants["forward_ad"], lambda tangents: tangents)
+    theirs = _tangents(variants["double backward"], lambda result: result[1])
+    for index, (a, b) in enumerate(zip(ours, theirs)):
+        if a is None and b is None:
+            continue
+        a = torch.zeros_like(b) if a is None else a
+        b = torch.zeros_like(a) if b is None else b
+        scale = 1 + a.abs().max().item() if a.numel() else 1
+        error = (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+        if not error <= 1e-3 * scale:  # NaN counts as a disagreement
+            return f"output {index}: off by {error:.2g}"
+    return ""
+
+
 def benchmark(sizes: tuple[str, ...], repeats: int, min_batch: float, dtype: torch.dtype, only: str | None) -> list:
     rows = []
     fwdecomp.disable()
@@ -153,7 +182,14 @@ def benchmark(sizes: tuple[str, ...], repeats: int, min_batch: float, dtype: tor
                 if sample is None:
                     rows.append({"operator": name, "size": size, "note": how})
                     continue
-                times = measure(_variants(op, sample), repeats=repeats, min_batch_seconds=min_batch)
+                variants = _variants(op, sample)
+                times = measure(variants, repeats=repeats, min_batch_seconds=min_batch)
+                if isinstance(times.get("double backward"), float):
+                    wrong = _disagreement(variants)
+                    if wrong:
+                        times["double backward"] = (
+                            f"n/a: wrong tangents ({wrong}; {format_seconds(times['double backward'])})"
+                        )
                 rows.append({"operator": name, "size": size, "shape": sample.note, "how": how, "times": times})
                 autograd.uninstall(op)
     finally:

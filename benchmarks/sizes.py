@@ -222,6 +222,49 @@ def _embedding_bag_dense_backward(device: str, dtype: torch.dtype) -> Sample:
     return Sample(args, note="10000x64, 256 bags of 16")
 
 
+def _bag_outputs(device: str, dtype: torch.dtype, per_sample_weights: bool = False):
+    weight, indices, offsets, scale, mode = _embedding_bag(device, dtype).args
+    psw = torch.rand(indices.shape, dtype=dtype, device=device) if per_sample_weights else None
+    out, offset2bag, bag_size, max_indices = aten._embedding_bag(weight, indices, offsets, scale, mode, False, psw)
+    if offset2bag.numel() != indices.numel():  # the CPU kernel's fast path leaves it empty
+        offset2bag = torch.zeros_like(indices).index_add_(0, offsets[1:], torch.ones_like(offsets[1:])).cumsum(0)
+    gen = torch.Generator(device=device).manual_seed(1)
+    grad = _randn_on(gen, device, dtype, *out.shape)
+    return grad, weight, indices, offsets, offset2bag, bag_size, max_indices, mode, psw
+
+
+def _embedding_bag_backward(device: str, dtype: torch.dtype) -> Sample:
+    grad, weight, indices, offsets, offset2bag, bag_size, max_indices, mode, psw = _bag_outputs(device, dtype, True)
+    args = (grad, indices, offsets, offset2bag, bag_size, max_indices, weight.shape[0], False, mode, False, psw)
+    return Sample(args, note="10000x64, 256 bags of 16, per_sample_weights")
+
+
+def _per_sample_weights_backward(device: str, dtype: torch.dtype) -> Sample:
+    grad, weight, indices, offsets, offset2bag, *_ = _bag_outputs(device, dtype, True)
+    return Sample((grad, weight, indices, offsets, offset2bag, 0), note="10000x64, 256 bags of 16")
+
+
+def _ctc_backward(device: str, dtype: torch.dtype, tensor_lengths: bool = False) -> Sample:
+    forward = _ctc(device, dtype, tensor_lengths)
+    log_probs, targets, inputs, lengths = forward.args
+    nll, log_alpha = aten._ctc_loss(*forward.args)
+    grad = torch.ones_like(nll)
+    return Sample((grad, log_probs, targets, inputs, lengths, nll, log_alpha, 0), note=forward.note, tangents=(1,))
+
+
+def _linear_cross_entropy(device: str, dtype: torch.dtype, reduction: bool = True) -> Sample:
+    """A language-model head: 1024 tokens, hidden 128, vocabulary 4096, chunks of 256 tokens."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    x, w = _randn_on(gen, device, dtype, 1024, 128), _randn_on(gen, device, dtype, 4096, 128) / 8
+    target = torch.randint(0, 4096, (1024,), device=device, generator=gen)
+    note = "1024 tokens, hidden 128, vocabulary 4096, chunks of 256"
+    if reduction:
+        # no gradient outputs: what F.linear_cross_entropy passes where nothing requires grad (a JVP)
+        args = (x, w, target, None, None, "mean", -100, 0.0, 256, "compact", dtype, True, False, False, False)
+        return Sample(args, note=note + ", mean, no gradient outputs", tangents=(0, 1))
+    return Sample((x, w, target, None, None, -100, 256, "compact", dtype), note=note, tangents=(0, 1))
+
+
 #: Realistic calls of the operators without a ``SIZES`` entry: ``make(device, dtype)``.
 REALISTIC: dict[str, Callable[[str, torch.dtype], Sample]] = {
     "aten::_embedding_bag": _embedding_bag,
@@ -246,6 +289,14 @@ REALISTIC: dict[str, Callable[[str, torch.dtype], Sample]] = {
     "aten::multi_margin_loss_backward": _multi_margin_backward,
     "aten::multilabel_margin_loss_backward": _multilabel_margin_backward,
     "aten::_embedding_bag_dense_backward": _embedding_bag_dense_backward,
+    "aten::_embedding_bag_backward": _embedding_bag_backward,
+    "aten::_embedding_bag_per_sample_weights_backward": _per_sample_weights_backward,
+    "aten::_ctc_loss_backward": _ctc_backward,
+    "aten::_ctc_loss_backward.Tensor": lambda device, dtype: _ctc_backward(device, dtype, tensor_lengths=True),
+    "torch_nn::_linear_cross_entropy_batch_chunked": _linear_cross_entropy,
+    "torch_nn::_linear_cross_entropy_batch_chunked_no_reduction": lambda device, dtype: _linear_cross_entropy(
+        device, dtype, reduction=False
+    ),
 }
 
 
