@@ -84,6 +84,16 @@ def tangent_of(tensor: torch.Tensor) -> torch.Tensor | None:
     return unpack_dual(tensor)[1]
 
 
+def forward_ad_level() -> int:
+    """The innermost open forward-AD level (-1 if none)."""
+    return forward_ad._current_level
+
+
+def functorch_level() -> int | None:
+    """The innermost ``torch.func`` transform level, or ``None`` outside transforms."""
+    return torch._C._functorch.maybe_current_level()
+
+
 def dual_level_active() -> bool:
     """Whether some forward-AD level is open (torch.func.jvp opens one too)."""
     return forward_ad._current_level >= 0

@@ -36,11 +36,12 @@ Example:
 from __future__ import annotations
 
 import collections
+import contextlib
 import re
 import threading
 import time
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -48,6 +49,7 @@ from fwdecomp import _torch
 from fwdecomp._torch import (
     OpOverload,
     dual_level_active,
+    forward_ad_level,
     namespace,
     primal_of,
     qualified_name,
@@ -63,6 +65,7 @@ __all__ = [
     "install",
     "installed",
     "is_installed",
+    "tangent_free_calls",
     "uninstall",
     "uninstall_all",
 ]
@@ -224,12 +227,41 @@ def decompose(
     return stack_to_results(schema, stack)
 
 
+class _PlainScope(threading.local):
+    def __init__(self) -> None:
+        self.level: tuple[int, int | None] | None = None
+
+
+_plain_scope = _PlainScope()
+
+
+def _level() -> tuple[int, int | None]:
+    return forward_ad_level(), _torch.functorch_level()
+
+
+@contextlib.contextmanager
+def tangent_free_calls() -> Iterator[None]:
+    """Within this block, calls at the current forward-AD (and ``torch.func``) level carry no tangent.
+
+    What a JVP rule promises for the operators it calls on primals: the kernels then skip
+    the per-tensor tangent checks. Calls at another level (an outer ``torch.func.jvp``
+    around the rule's own level) are checked as always.
+    """
+    previous, _plain_scope.level = _plain_scope.level, _level()
+    try:
+        yield
+    finally:
+        _plain_scope.level = previous
+
+
 def _make_kernel(op: OpOverload, original: Any) -> Callable[..., Any]:
     call_original = original.call_boxed
 
     def kernel(keyset: Any, *args: Any, **kwargs: Any) -> Any:
         # No forward-AD level open (torch.func.jvp opens one too): no input can carry a
         # tangent, and the per-tensor checks are skipped (most of the routing's cost).
+        if _plain_scope.level is not None and _plain_scope.level == _level():
+            return call_original(keyset, *args, **kwargs)
         if dual_level_active() and (carries_tangent(args) or carries_tangent(kwargs.values())):
             return decompose(op, args, kwargs, lambda a, k: call_original(keyset, *a, **k))
         return call_original(keyset, *args, **kwargs)

@@ -54,6 +54,7 @@ import torch
 
 from fwdecomp import jvp_rules
 from fwdecomp._torch import OpOverload, grad_transform_active, is_legacy_batched, requires_grad_below, schema_of
+from fwdecomp.autograd import tangent_free_calls
 
 __all__ = [
     "RULE_ATTRIBUTE",
@@ -143,9 +144,10 @@ def try_rule(op: OpOverload, stack: list[Any], fn: Callable[..., Any]) -> bool:
     primals, tangents = jvp_rules.split_tangents(schema_of(op), stack)
     if reverse_mode_can_see(primals, tangents) or _legacy_vmap(tangents):
         return False
-    return jvp_rules.run_rule(
-        op, stack, jvp_rules.JvpRule(op, rule), may_decline=True, split=(primals, tangents), trusted=True
-    )
+    with tangent_free_calls():  # the rule calls operators on primals: no tangent checks needed
+        return jvp_rules.run_rule(
+            op, stack, jvp_rules.JvpRule(op, rule), may_decline=True, split=(primals, tangents), trusted=True
+        )
 
 
 # --- helpers for writing rules -------------------------------------------------------
