@@ -13,12 +13,11 @@ import threading
 import pytest
 import torch
 import torch.nn.functional as F
-from numerics import close, fd
+from numerics import close, fd, sample_forward_ad
 from torch.autograd import forward_ad
 
 import fwdecomp
 from fwdecomp import jvp_rules, tangent_rules
-from fwdecomp.checks import differentiable_positions, sample_function
 
 aten = torch.ops.aten
 
@@ -48,17 +47,6 @@ def rule_calls(monkeypatch):
     return calls
 
 
-def _forward_ad(op, sample):
-    positions = differentiable_positions(sample)
-    f = sample_function(op, sample, positions)
-    primals = [sample.args[i] for i in positions]
-    gen = torch.Generator().manual_seed(0)
-    tangents = [torch.randn(p.shape, dtype=p.dtype, generator=gen) for p in primals]
-    with forward_ad.dual_level():
-        outs = f(*[forward_ad.make_dual(p, t) for p, t in zip(primals, tangents)])
-        return [forward_ad.unpack_dual(o) for o in outs]
-
-
 def test_some_builtin_decompositions_have_rules():
     names = {str(op) for op in _ops_with_rules()}
     assert {"aten.grid_sampler_2d.default", "aten._embedding_bag.default", "aten.mse_loss_backward.default"} <= names
@@ -70,12 +58,12 @@ def test_rule_equals_decomposition(enabled, rule_calls, op, index):
     since some kernels compute with float32 constants, hardsigmoid_backward's 1/6 say, that the
     decompositions do not)."""
     sample = list(fwdecomp.registry.lookup(op).samples("cpu", torch.float64))[index]
-    fast = _forward_ad(op, sample)
+    fast = sample_forward_ad(op, sample)
     answered = rule_calls[(op, True)]
     with tangent_rules.disabled():
-        slow = _forward_ad(op, sample)
+        slow = sample_forward_ad(op, sample)
     assert rule_calls[(op, True)] == answered  # disabled: the rule did not run
-    for (value, tangent), (ref_value, ref_tangent) in zip(fast, slow):
+    for value, tangent, ref_value, ref_tangent in zip(*fast, *slow):
         torch.testing.assert_close(value, ref_value, rtol=1e-6, atol=1e-9, equal_nan=True)
         if ref_tangent is None or (tangent is None and not ref_tangent.any()):
             continue  # no tangent, or an all-zero one where the rule gives none
@@ -86,7 +74,7 @@ def test_rule_equals_decomposition(enabled, rule_calls, op, index):
 def test_each_rule_answers_some_sample(enabled, rule_calls):
     for op in _ops_with_rules():
         for sample in fwdecomp.registry.lookup(op).samples("cpu", torch.float64):
-            _forward_ad(op, sample)
+            sample_forward_ad(op, sample)
     silent = [str(op) for op in _ops_with_rules() if not rule_calls[(op, True)]]
     assert not silent, f"rules that never answered: {silent}"
 
