@@ -267,14 +267,25 @@ def split_tangents(schema: torch.FunctionSchema, stack: Iterable[Any]) -> tuple[
     and ``None``.
     """
     primals, tangents = [], []
-    for argument, value in zip(schema.arguments, stack):
-        if is_tensor_type(argument.type) and value is not None:
+    for holds_tensors, value in zip(_tensor_arguments(schema), stack):
+        if holds_tensors and value is not None:
             primal, tangent = _split(value)
         else:
             primal, tangent = value, None
         primals.append(primal)
         tangents.append(tangent)
     return primals, tangents
+
+
+_tensor_flags: dict[int, tuple[torch.FunctionSchema, tuple[bool, ...]]] = {}
+
+
+def _tensor_arguments(schema: torch.FunctionSchema) -> tuple[bool, ...]:
+    """Per argument of ``schema``, whether it holds tensors (cached: an operator keeps its schema object)."""
+    cached = _tensor_flags.get(id(schema))
+    if cached is None or cached[0] is not schema:
+        cached = _tensor_flags[id(schema)] = (schema, tuple(is_tensor_type(a.type) for a in schema.arguments))
+    return cached[1]
 
 
 def call(op: OpOverload, primals: list[Any]) -> Any:

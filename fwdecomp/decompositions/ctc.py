@@ -61,6 +61,7 @@ import torch.nn.functional as F
 
 from fwdecomp.decompositions import builtin
 from fwdecomp.registry import Sample
+from fwdecomp.tangent_rules import with_tangent_rule
 
 aten = torch.ops.aten
 
@@ -323,8 +324,86 @@ def _ctc_samples(device: str, dtype: torch.dtype, tensor_lengths: bool) -> Itera
     )
 
 
+def _log_alpha_tangent(
+    log_alpha: torch.Tensor,
+    extended_log_probs: torch.Tensor,
+    tangents: torch.Tensor,
+    reached: torch.Tensor,
+    problem: _Problem,
+) -> torch.Tensor:
+    """The tangent of the alphas ``(T, B, S)``, given the alphas themselves: a linear recursion.
+
+    ``alpha_t(s) = logsumexp_k alpha_{t-1}(s_k) + lp_t(l'(s))``, so its tangent is
+    ``sum_k w_tsk dalpha_{t-1}(s_k) + dlp_t(l'(s))`` with ``w`` the softmax of those terms,
+    which the alphas give for every step at once (the logsumexp is ``alpha_t(s) - lp_t(l'(s))``,
+    ``extended_log_probs`` the latter); the recursion is then one batched
+    banded matrix-vector product per step. Unreached entries have tangent 0 (as the
+    decomposition's ``-inf``).
+    """
+    steps, batch, states = log_alpha.shape
+    padded = F.pad(log_alpha, (2, 0), value=float("-inf"))  # (T, B, S + 2): columns 0, 1 are log 0
+    windows = problem.skips.view(batch, states, 3)
+    # alpha_{t-1}(s-2), (s-1), (s) for every t >= 1; a skip that is not allowed points at column 0 (log 0)
+    index = problem.skips.unsqueeze(0).expand(steps - 1, -1, -1)
+    terms = padded[:-1].gather(2, index).view(steps - 1, batch, states, 3)
+    total = (log_alpha[1:] - extended_log_probs[1:]).unsqueeze(-1)
+    weights = torch.where(reached[1:].unsqueeze(-1), torch.exp(terms - total), 0.0)
+    matrix = log_alpha.new_zeros(steps - 1, batch, states, states + 2)
+    matrix.scatter_add_(3, windows.unsqueeze(0).expand(steps - 1, -1, -1, -1), weights)
+    matrix = matrix[..., 2:]
+    # rows of unreached states in `matrix` are 0 already; columns as (B, S, 1) for baddbmm
+    tangents = torch.where(reached, tangents, 0.0).unsqueeze(-1)
+    current = tangents[0]
+    out = [current]
+    for t in range(1, steps):
+        current = torch.baddbmm(tangents[t], matrix[t - 1], current)
+        out.append(current)
+    return torch.stack(out).squeeze(-1)
+
+
+def _ctc_loss_rule():
+    """The tangent rule of ``_ctc_loss``: PyTorch's kernels for the loss, a linear recursion for the alphas.
+
+    ``neg_log_likelihood``'s tangent is the gradient ``_ctc_loss_backward`` returns (PyTorch's
+    convention, with its extra term: see the module's docstring) contracted with the tangent
+    of ``log_probs``; ``log_alpha``'s follows from the kernel's alphas
+    (:func:`_log_alpha_tangent`). Values are the kernel's, ``log_alpha`` with ``-inf``
+    where the kernel leaves entries uninitialised, as the decomposition returns it.
+    """
+
+    def rule(primals: list, tangents: list):
+        log_probs, targets, input_lengths, target_lengths, blank, zero_infinity = primals
+        if (
+            tangents[0] is None
+            or log_probs.dim() != 3
+            or log_probs.shape[0] == 0
+            or log_probs.dtype
+            not in (
+                torch.float32,
+                torch.float64,
+            )
+        ):
+            return NotImplemented
+        d_log_probs = tangents[0]
+        nll, raw_log_alpha = aten._ctc_loss(*primals)  # the overload the lengths' type picks
+        grad = aten._ctc_loss_backward(torch.ones_like(nll), *primals[:4], nll, raw_log_alpha, blank, zero_infinity)
+        d_nll = (grad * d_log_probs).sum((0, 2))
+        problem = _problem(log_probs, targets, input_lengths, target_lengths, blank)
+        steps = log_probs.shape[0]
+        alphas = raw_log_alpha.transpose(0, 1)  # (T, B, S)
+        reached = problem.valid(steps) & (alphas > _UNREACHED)
+        log_alpha = torch.where(reached, alphas, float("-inf"))
+        index = problem.labels.unsqueeze(0).expand(steps, *problem.labels.shape)
+        extended = log_probs.gather(2, index)
+        d_alpha = _log_alpha_tangent(log_alpha, extended, d_log_probs.gather(2, index), reached, problem)
+        return (nll, log_alpha.transpose(0, 1)), (d_nll, d_alpha.transpose(0, 1))
+
+    return rule
+
+
 @builtin(aten._ctc_loss.default, samples=functools.partial(_ctc_samples, tensor_lengths=False))
 @builtin(aten._ctc_loss.Tensor, samples=functools.partial(_ctc_samples, tensor_lengths=True))
+@with_tangent_rule(_ctc_loss_rule())
 def ctc_loss(
     log_probs: torch.Tensor,
     targets: torch.Tensor,
