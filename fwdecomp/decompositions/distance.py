@@ -17,11 +17,13 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Iterator
 
 import torch
 
+from fwdecomp._torch import dispatch_modes_active
 from fwdecomp.decompositions import builtin
 from fwdecomp.decompositions._util import p_norm_gradient, p_norm_of_differences, safe_sqrt
 from fwdecomp.registry import Sample
@@ -83,21 +85,21 @@ def _gram_sqrt(squared: torch.Tensor) -> torch.Tensor:
     return squared.clamp_min(torch.finfo(squared.dtype).tiny).sqrt()
 
 
-def _divide_where_positive(numerator: torch.Tensor, distance: torch.Tensor) -> torch.Tensor:
+def _divide_where_positive(numerator: torch.Tensor, distance: torch.Tensor, fresh: bool = False) -> torch.Tensor:
     """``numerator / distance``, 0 where the distance is 0 (the derivative PyTorch gives there).
 
     On CPU the mask costs as much as the division (a 4M-entry ``where``: ~7 ms); distances
     are rarely 0, so it is applied only when the smallest is (or when the check cannot run:
-    inside ``vmap`` over the distances).
+    inside ``vmap`` over the distances). ``fresh``: ``numerator`` is the caller's own
+    temporary, divided in place (at 4M entries a new buffer costs as much as the division).
     """
-    quotient = numerator / distance
     if distance.device.type == "cpu" and distance.numel():
         try:
             if bool(distance.min() > 0):
-                return quotient
+                return numerator.div_(distance) if fresh else numerator / distance
         except RuntimeError:  # data-dependent control flow under vmap
             pass
-    return torch.where(distance > 0, quotient, numerator.new_zeros(()))
+    return torch.where(distance > 0, numerator / distance, numerator.new_zeros(()))
 
 
 def _distance_tangent_numerator(
@@ -127,7 +129,7 @@ def _euclidean_dist_rule(primals: list, tangents: list):
     if x1.dtype not in _MATMUL_DTYPES or x2.dtype != x1.dtype:
         return NotImplemented  # reduced precision: the decomposition's float32 accumulation
     numerator = _distance_tangent_numerator(x1, tangents[0], x2, tangents[1])
-    return out, _divide_where_positive(numerator, out).to(out.dtype)
+    return out, _divide_where_positive(numerator, out, fresh=True).to(out.dtype)
 
 
 @builtin(aten._euclidean_dist.default, samples=_euclidean_samples)
@@ -219,6 +221,21 @@ def _pdist_samples(device: str, dtype: torch.dtype) -> Iterator[Sample]:
     yield Sample((_randn(4, 0, dtype=dtype, device=device, gen=gen), 2.0), note="zero columns")
 
 
+@functools.lru_cache(maxsize=8)
+def _cached_flat_pairs(rows: int, device: torch.device) -> torch.Tensor:
+    first, second = _pairs(rows, device)
+    return first * rows + second
+
+
+def _flat_pairs(rows: int, device: torch.device) -> torch.Tensor:
+    """``i * rows + j`` for the pairs ``i < j`` in ``pdist`` order (cached unless a dispatch mode, a
+    fake-tensor one say, is active: its tensors must not outlive it)."""
+    if dispatch_modes_active():
+        first, second = _pairs(rows, device)
+        return first * rows + second
+    return _cached_flat_pairs(rows, torch.device(device))
+
+
 def _pdist_rule(primals: list, tangents: list):
     """p = 2: the pair entries of :func:`_distance_tangent_numerator` (``x`` with itself) over the distances."""
     x, p = primals
@@ -229,9 +246,8 @@ def _pdist_rule(primals: list, tangents: list):
         return NotImplemented
     dx = tangents[0]
     numerator = _distance_tangent_numerator(x, dx, x, dx)
-    first, second = _pairs(x.shape[0], x.device)
-    pairs = numerator.reshape(-1).index_select(0, first * x.shape[0] + second)
-    return out, _divide_where_positive(pairs, out)
+    pairs = numerator.reshape(-1).index_select(0, _flat_pairs(x.shape[0], x.device))
+    return out, _divide_where_positive(pairs, out, fresh=True)
 
 
 @builtin(aten._pdist_forward.default, samples=_pdist_samples)
@@ -272,7 +288,36 @@ def _pdist_backward_samples(device: str, dtype: torch.dtype) -> Iterator[Sample]
         yield Sample((grad, x, p, dist), note=sample.note)
 
 
+def _pdist_backward_rule(primals: list, tangents: list):
+    """p = 2: the kernel is ``sum_j W_ij (x_i - x_j)``, ``W = U + U^T``, ``U`` the upper triangle of
+    ``grad / pdist``; the tangent is the same sum with ``U'`` from ``d_grad - grad d_pdist / pdist``
+    and ``x``, plus ``U`` with ``d_x``: ``(rowsum U' + colsum U') x - U' x - U'^T x + ...``, N x N
+    matrix products (no symmetric matrix is formed)."""
+    grad, x, p, pdist = primals
+    d_grad, d_x, _, d_pdist = tangents
+    if p != 2 or x.shape[-1] == 0 or x.dtype not in _MATMUL_DTYPES or x.dim() != 2:
+        return NotImplemented
+    out = aten._pdist_backward(grad, x, p, pdist)
+    rows = x.shape[0]
+    flat = _flat_pairs(rows, x.device)
+    weights = d_grad
+    if d_pdist is not None:
+        shift = _divide_where_positive(grad * d_pdist, pdist)
+        weights = -shift if weights is None else weights - shift
+    tangent = None
+    for pair_values, points in ((weights, x), (grad if d_x is not None else None, d_x)):
+        if pair_values is None:
+            continue
+        values = _divide_where_positive(pair_values, pdist).to(x.dtype)
+        upper = values.new_zeros(rows * rows).index_copy(0, flat, values).view(rows, rows)
+        degree = (upper.sum(1) + upper.sum(0)).unsqueeze(1)
+        term = degree * points - upper @ points - upper.mT @ points
+        tangent = term if tangent is None else tangent + term
+    return out, tangent
+
+
 @builtin(aten._pdist_backward.default, samples=_pdist_backward_samples)
+@with_tangent_rule(_pdist_backward_rule)
 def pdist_backward(grad: torch.Tensor, self: torch.Tensor, p: float, pdist: torch.Tensor) -> torch.Tensor:
     """The vector-Jacobian product of ``_pdist_forward`` with respect to ``self``."""
     first, second = _pairs(self.shape[0], self.device)
