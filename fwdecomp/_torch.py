@@ -79,6 +79,17 @@ def unpack_dual(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None
     return primal, tangent
 
 
+def make_dual(tensor: torch.Tensor, tangent: torch.Tensor) -> torch.Tensor:
+    """``forward_ad.make_dual`` at the current level, without its Python layers where none is needed.
+
+    For outputs fwdecomp computed itself (floating point, a level open): the public
+    function's checks and export-mode lookup cost more than the C++ call it ends in.
+    """
+    if torch._C._is_torch_function_mode_enabled():
+        return forward_ad.make_dual(tensor, tangent)
+    return torch._VF._make_dual(tensor, tangent, forward_ad._current_level)
+
+
 def tangent_of(tensor: torch.Tensor) -> torch.Tensor | None:
     """The forward-mode tangent ``tensor`` carries at the current level, or ``None``."""
     return unpack_dual(tensor)[1]

@@ -69,6 +69,7 @@ from fwdecomp._torch import (
     OpOverload,
     dual_level_active,
     forward_grad_is_enabled,
+    make_dual,
     qualified_name,
     schema_of,
     tangent_of,
@@ -413,7 +414,7 @@ def run_rule(
             f"of outputs or output tangents: {error}"
         ) from error
     if trusted:
-        stack[:] = [forward_ad.make_dual(v, t) if t is not None else v for v, t in zip(outputs, output_tangents)]
+        stack[:] = [make_dual(v, t) if t is not None else v for v, t in zip(outputs, output_tangents)]
         return True
     args, kwargs = stack_to_arguments(schema, primals)
     try:

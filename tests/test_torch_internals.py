@@ -339,3 +339,11 @@ def test_unpack_dual_matches_forward_ad():
         assert torch.equal(primal, x) and torch.equal(tangent, t)
         assert _torch.unpack_dual(x)[1] is None
         assert torch.equal(_torch.primal_of(dual), forward_ad.unpack_dual(dual).primal)
+
+
+def test_make_dual_matches_forward_ad():
+    x, t = torch.randn(3), torch.randn(3)
+    with forward_ad.dual_level():
+        dual = _torch.make_dual(x, t)
+        primal, tangent = forward_ad.unpack_dual(dual)
+        assert torch.equal(primal, x) and torch.equal(tangent, t)
