@@ -53,6 +53,7 @@ import torch
 
 from fwdecomp.contract import meta_agrees, meta_shapes_unreliable
 from fwdecomp.decompositions import builtin
+from fwdecomp.jvp_rules import call
 from fwdecomp.registry import Sample
 from fwdecomp.tangent_rules import multilinear, with_tangent_rule
 
@@ -138,12 +139,26 @@ def _index_reduce_prod(self, dim, index, source, include_self):
 
 
 def _not_linear(reduce: int, initial: int):
-    """``declines`` for a segment reduction's tangent rule: only ``sum`` and ``mean`` without ``initial`` are linear."""
+    """``declines`` for a segment reduction's tangent rule: ``sum`` (an ``initial`` value only shifts
+    it) and ``mean`` without ``initial`` are linear in the data."""
 
     def declines(primals: list, tangents: list) -> bool:
-        return primals[reduce] not in ("sum", "mean") or primals[initial] is not None
+        kind = primals[reduce]
+        return kind not in ("sum", "mean") or (kind == "mean" and primals[initial] is not None)
 
     return declines
+
+
+def _segment_reduce_rule(primals: list, tangents: list):
+    """The kernel on the data's tangent, without ``initial`` (a constant shift of a sum)."""
+    if any(t is not None for t in tangents[1:]) or _not_linear(1, 7)(primals, tangents):
+        return NotImplemented
+    out = call(aten.segment_reduce.default, primals)
+    if tangents[0] is None:
+        return out, None
+    shifted = list(primals)
+    shifted[0], shifted[7] = tangents[0], None
+    return out, call(aten.segment_reduce.default, shifted)
 
 
 @builtin(aten.index_reduce.default, samples=lambda device, dtype: _index_reduce_samples(device, dtype))
@@ -320,7 +335,7 @@ _declare_meta_bugs()
 
 
 @builtin(aten.segment_reduce.default, samples=lambda device, dtype: _segment_reduce_samples(device, dtype))
-@with_tangent_rule(multilinear(aten.segment_reduce.default, (("data",),), declines=_not_linear(1, 7)))
+@with_tangent_rule(_segment_reduce_rule)
 def segment_reduce(
     data: torch.Tensor,
     reduce: str,
