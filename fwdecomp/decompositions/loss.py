@@ -105,21 +105,32 @@ def _mse_loss_backward_samples(device: str, dtype: torch.dtype) -> Iterator[Samp
             yield Sample(args, note=note)
 
 
+def _step(d_self: torch.Tensor | None, d_target: torch.Tensor | None) -> torch.Tensor | None:
+    """The tangent of ``self - target``."""
+    if d_target is None:
+        return d_self
+    return -d_target if d_self is None else d_self - d_target
+
+
+def _plus_scaled_product(
+    tangent: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """``tangent + scale * a * b`` in one fused pass (these operators are bound by memory traffic)."""
+    if tangent is None:
+        return a * b * scale
+    return torch.addcmul(tangent, a, b, value=scale)
+
+
 def _mse_loss_backward_rule(primals: list, tangents: list):
-    """Linear in ``grad_output`` and in ``self - target``: the kernel twice. The second call keeps
-    ``self`` (the mean's normaliser reads its size, also under ``vmap``) and passes
-    ``self - (d_self - d_target)`` as the target."""
+    """``norm * (self - target) * grad_output``: the kernel on ``grad_output``'s tangent, plus
+    ``norm * grad_output * d(self - target)`` fused into the same pass."""
     grad_output, self, target, reduction = primals
     d_grad, d_self, d_target = tangents[:3]
     out = aten.mse_loss_backward(*primals)
     tangent = None if d_grad is None else aten.mse_loss_backward(d_grad, self, target, reduction)
-    if d_self is not None or d_target is not None:
-        if d_target is None:
-            shifted = self - d_self
-        else:
-            shifted = self + d_target if d_self is None else self - (d_self - d_target)
-        term = aten.mse_loss_backward(grad_output, self, shifted, reduction)
-        tangent = term if tangent is None else tangent + term
+    step = _step(d_self, d_target)
+    if step is not None:
+        tangent = _plus_scaled_product(tangent, grad_output, step, _norm(self, reduction, 2.0))
     return out, None if tangent is None else tangent.expand(out.shape).to(out.dtype)
 
 
@@ -147,12 +158,11 @@ def _huber_loss_backward_rule(primals: list, tangents: list):
     d_grad, d_self, d_target = tangents[:3]
     out = aten.huber_loss_backward(*primals)
     tangent = None if d_grad is None else aten.huber_loss_backward(d_grad, *primals[1:])
-    if d_self is not None or d_target is not None:
-        step = d_self if d_target is None else (-d_target if d_self is None else d_self - d_target)
-        # grad_output * step where |self - target| < delta, else 0: one fused kernel
-        inside = aten.hardtanh_backward(grad_output * step, self - target, -delta, delta)
-        norm = _norm(self, reduction)
-        tangent = inside * norm if tangent is None else torch.add(tangent, inside, alpha=norm)
+    step = _step(d_self, d_target)
+    if step is not None:
+        # grad_output where |self - target| < delta, else 0: one fused kernel
+        inside = aten.hardtanh_backward(grad_output, self - target, -delta, delta)
+        tangent = _plus_scaled_product(tangent, inside, step, _norm(self, reduction))
     return out, None if tangent is None else tangent.expand(out.shape).to(out.dtype)
 
 
