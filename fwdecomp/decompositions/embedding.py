@@ -353,7 +353,6 @@ def _dense_backward_samples(device: str, dtype: torch.dtype) -> Iterator[Sample]
 
 
 @builtin(aten._embedding_bag_dense_backward.default, samples=_dense_backward_samples)
-@with_tangent_rule(multilinear(aten._embedding_bag_dense_backward.default, (("grad",), ("per_sample_weights",))))
 def embedding_bag_dense_backward(
     grad: torch.Tensor,
     indices: torch.Tensor,
@@ -401,13 +400,6 @@ def _backward_samples(device: str, dtype: torch.dtype) -> Iterator[Sample]:
 
 
 @builtin(aten._embedding_bag_backward.default, samples=_backward_samples)
-@with_tangent_rule(
-    multilinear(
-        aten._embedding_bag_backward.default,
-        (("grad",), ("per_sample_weights",)),
-        declines=lambda primals, tangents: primals[9],  # sparse: the decomposition says why it cannot
-    )
-)
 def embedding_bag_backward(
     grad: torch.Tensor,
     indices: torch.Tensor,

@@ -158,12 +158,6 @@ def _loss_rule(op: OpOverload, backward: Callable[[list, torch.Tensor], torch.Te
 
 
 @builtin(aten.multi_margin_loss.default, samples=_multi_margin_samples)
-@with_tangent_rule(
-    _loss_rule(
-        aten.multi_margin_loss.default,
-        lambda primals, loss: aten.multi_margin_loss_backward(torch.ones_like(loss), *primals),
-    )
-)
 def multi_margin_loss(
     self: torch.Tensor,
     target: torch.Tensor,
