@@ -206,3 +206,26 @@ def test_tangent_free_calls_skip_checks_at_their_level_only(enabled):
     with fwdecomp.autograd.tangent_free_calls():  # entered outside the level torch.func.jvp opens
         _, tangent = torch.func.jvp(lambda a: torch.pdist(a, p=1.0), (x,), (v,))
     close(tangent, fd(lambda a: torch.pdist(a, p=1.0), x, v))
+
+
+def test_vmap_over_primals_through_rules(enabled):
+    """vmap over primals and tangents of a JVP through rules (pdist, CTC, grid_sample) equals a loop,
+    also when the rule's cached index tensors are first made inside the transforms."""
+    from fwdecomp.decompositions import distance
+
+    distance._cached_flat_pairs.cache_clear()
+    gen = torch.Generator().manual_seed(0)
+    x, v = (torch.randn(3, 7, 4, dtype=torch.float64, generator=gen) for _ in range(2))
+    log_probs = torch.randn(3, 8, 2, 5, dtype=torch.float64, generator=gen).log_softmax(-1)
+    targets = torch.tensor([[1, 2, 2], [3, 1, 0]])
+    image = torch.randn(2, 3, 5, 4, dtype=torch.float64, generator=gen)
+    grids = torch.rand(3, 2, 3, 2, 2, dtype=torch.float64, generator=gen) * 2 - 1
+    cases = [
+        (torch.pdist, x, v),
+        (lambda lp: aten._ctc_loss(lp, targets, [8, 7], [3, 2])[0], log_probs, torch.randn_like(log_probs)),
+        (lambda g: _grid_sample(image, g), grids, torch.randn_like(grids)),
+    ]
+    for f, primals, tangents in cases:
+        batched = torch.func.vmap(lambda p, t, f=f: torch.func.jvp(f, (p,), (t,))[1])(primals, tangents)
+        for i in range(primals.shape[0]):
+            close(batched[i], torch.func.jvp(f, (primals[i],), (tangents[i],))[1], 1e-12)

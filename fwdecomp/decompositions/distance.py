@@ -23,7 +23,7 @@ from typing import Iterator
 
 import torch
 
-from fwdecomp._torch import dispatch_modes_active
+from fwdecomp._torch import dispatch_modes_active, outside_functorch
 from fwdecomp.decompositions import builtin
 from fwdecomp.decompositions._util import p_norm_gradient, p_norm_of_differences, safe_sqrt
 from fwdecomp.registry import Sample
@@ -223,13 +223,15 @@ def _pdist_samples(device: str, dtype: torch.dtype) -> Iterator[Sample]:
 
 @functools.lru_cache(maxsize=8)
 def _cached_flat_pairs(rows: int, device: torch.device) -> torch.Tensor:
-    first, second = _pairs(rows, device)
-    return first * rows + second
+    with outside_functorch():  # a plain tensor, tied to no transform level that could end
+        first, second = _pairs(rows, device)
+        return first * rows + second
 
 
 def _flat_pairs(rows: int, device: torch.device) -> torch.Tensor:
-    """``i * rows + j`` for the pairs ``i < j`` in ``pdist`` order (cached unless a dispatch mode, a
-    fake-tensor one say, is active: its tensors must not outlive it)."""
+    """``i * rows + j`` for the pairs ``i < j`` in ``pdist`` order (cached, made outside any
+    ``torch.func`` transform; not cached while a dispatch mode, a fake-tensor one say, is active:
+    its tensors must not outlive it)."""
     if dispatch_modes_active():
         first, second = _pairs(rows, device)
         return first * rows + second

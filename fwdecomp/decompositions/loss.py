@@ -112,9 +112,7 @@ def _step(d_self: torch.Tensor | None, d_target: torch.Tensor | None) -> torch.T
     return -d_target if d_self is None else d_self - d_target
 
 
-def _plus_scaled_product(
-    tangent: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, scale: float
-) -> torch.Tensor:
+def _plus_scaled_product(tangent: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
     """``tangent + scale * a * b`` in one fused pass (these operators are bound by memory traffic)."""
     if tangent is None:
         return a * b * scale
