@@ -414,7 +414,11 @@ def run_rule(
             f"of outputs or output tangents: {error}"
         ) from error
     if trusted:
-        stack[:] = [make_dual(v, t) if t is not None else v for v, t in zip(outputs, output_tangents)]
+        # a tangent computed under autocast may come back in the autocast dtype: the output's it must be
+        stack[:] = [
+            v if t is None else make_dual(v, t if t.dtype == v.dtype else t.to(v.dtype))
+            for v, t in zip(outputs, output_tangents)
+        ]
         return True
     args, kwargs = stack_to_arguments(schema, primals)
     try:

@@ -229,3 +229,14 @@ def test_vmap_over_primals_through_rules(enabled):
         batched = torch.func.vmap(lambda p, t, f=f: torch.func.jvp(f, (p,), (t,))[1])(primals, tangents)
         for i in range(primals.shape[0]):
             close(batched[i], torch.func.jvp(f, (primals[i],), (tangents[i],))[1], 1e-12)
+
+
+def test_rules_under_autocast_give_tangents_in_the_outputs_dtype(enabled):
+    """Under CPU autocast a rule's matrix products run in bfloat16; its tangents still take their
+    output's dtype (pdist's output stays float32), and stay close to the float32 JVP."""
+    x, v = torch.randn(30, 3), torch.randn(30, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, tangent = torch.func.jvp(torch.pdist, (x,), (v,))
+    assert out.dtype == tangent.dtype == torch.float32
+    reference = torch.func.jvp(torch.pdist, (x,), (v,))[1]
+    assert (tangent - reference).abs().max() <= 0.05 * reference.abs().max()
