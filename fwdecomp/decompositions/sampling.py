@@ -62,6 +62,20 @@ _CUBIC_A = -0.75  # PyTorch's bicubic convolution constant
 _REDUCED = (torch.float16, torch.bfloat16)
 
 
+def _grid_partials(backward: OpOverload, *args: object) -> torch.Tensor:
+    """The grid gradient of ``backward(*args, output_mask)``, the input's not asked for.
+
+    torch 2.11's vmap rule of the backward kernels fails when the input's gradient is not asked
+    for ("Expected a proper Tensor but got None"); there, both are computed.
+    """
+    try:
+        return backward(*args, [False, True])[1]
+    except RuntimeError as error:
+        if "Expected a proper Tensor" not in str(error):
+            raise
+        return backward(*args, [True, True])[1]
+
+
 # --- coordinates ---------------------------------------------------------
 #
 # Arithmetic with Python numbers uses the ``.Scalar`` overloads: ``x * 2.0`` on a
@@ -399,7 +413,7 @@ def _grid_rule(op: OpOverload, backward: OpOverload) -> TangentRule:
             repeated = grid.unsqueeze(1).expand(batch, channels, *grid.shape[1:])
             grids = repeated.reshape(batch * channels, *grid.shape[1:])
             ones = torch.ones((batch * channels, 1, *out.shape[2:]), dtype=input.dtype, device=out.device)
-            _, partials = backward(ones, folded, grids, mode, padding, align, [False, True])
+            partials = _grid_partials(backward, ones, folded, grids, mode, padding, align)
             partials = partials.reshape(batch, channels, *grid.shape[1:])
             d_grid = d_grid.unsqueeze(1)
             term = partials[..., 0] * d_grid[..., 0]  # a sum over the coordinate axis, faster unrolled
