@@ -76,6 +76,18 @@ _SCALAR = "torch_nn::_linear_cross_entropy_batch_chunked"
 _NO_REDUCTION = "torch_nn::_linear_cross_entropy_batch_chunked_no_reduction"
 
 
+def _sample_weights(
+    target: torch.Tensor, weight: torch.Tensor | None, ignore_index: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(target with ignored entries as class 0, per-sample weight w)``: ``weight[target]``, 0 where ignored."""
+    kept = target != ignore_index
+    safe_target = torch.where(kept, target, 0)
+    w = kept.to(dtype)
+    if weight is not None:
+        w = w * weight.to(dtype)[safe_target]
+    return safe_target, w
+
+
 def _parts(
     input: torch.Tensor,
     linear_weight: torch.Tensor,
@@ -95,11 +107,7 @@ def _parts(
     logits = input @ linear_weight.mT
     if linear_bias is not None:
         logits = logits + linear_bias
-    kept = target != ignore_index
-    safe_target = torch.where(kept, target, 0)
-    w = kept.to(logits.dtype)
-    if weight is not None:
-        w = w * weight.to(logits.dtype)[safe_target]
+    safe_target, w = _sample_weights(target, weight, ignore_index, logits.dtype)
     picked = logits.gather(1, safe_target.unsqueeze(1)).squeeze(1)
     return logits, w, logits.logsumexp(1) - picked
 
@@ -219,11 +227,7 @@ def _no_reduction_rule(primals: list, tangents: list):
     d_input, d_weight, d_bias = tangents[0], tangents[1], tangents[3]
     if tangents[4] is not None or (d_input is None and d_weight is None and d_bias is None):
         return NotImplemented
-    kept = target != ignore_index
-    safe_target = torch.where(kept, target, 0)
-    w = kept.to(input.dtype)
-    if weight is not None:
-        w = w * weight.to(input.dtype)[safe_target]
+    safe_target, w = _sample_weights(target, weight, ignore_index, input.dtype)
     # (matrix, partner): <p W, d_input> and <p d_W, input>, for the tangents present
     pairs = [(m, x) for m, x in ((linear_weight, d_input), (d_weight, input)) if m is not None and x is not None]
     stacked = torch.cat([m for m, _ in pairs], 1) if pairs else None
