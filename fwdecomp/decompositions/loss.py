@@ -199,7 +199,7 @@ def _soft_margin_loss_backward_rule(primals: list, tangents: list):
     tangent = None if d_grad is None else aten.soft_margin_loss_backward(d_grad, *primals[1:])
     if d_self is not None:
         slope = torch.sigmoid(target * self) * d_self
-        tangent = -(out * target) * slope if tangent is None else torch.addcmul(tangent, out * target, slope, value=-1)
+        tangent = _plus_scaled_product(tangent, out * target, slope, -1.0)
     return out, None if tangent is None else tangent.expand(out.shape).to(out.dtype)
 
 

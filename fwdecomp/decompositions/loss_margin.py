@@ -29,15 +29,14 @@ Example:
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 
-from fwdecomp._torch import OpOverload
 from fwdecomp.contract import meta_shapes_unreliable
 from fwdecomp.decompositions import builtin
 from fwdecomp.registry import Sample
-from fwdecomp.tangent_rules import TangentRule, multilinear, with_tangent_rule
+from fwdecomp.tangent_rules import multilinear, with_tangent_rule
 
 aten = torch.ops.aten
 
@@ -135,26 +134,15 @@ def _multi_margin_samples(device: str, dtype: torch.dtype) -> Iterator[Sample]:
     yield Sample((randn(5), target[0], 1, 1.0, weight, NONE), note="1-D input, 0-D target", tangents=(0,))
 
 
-def _loss_rule(op: OpOverload, backward: Callable[[list, torch.Tensor], torch.Tensor]) -> TangentRule:
-    """The tangent rule of a margin loss: its gradient kernel, contracted with ``self``'s tangent.
-
-    ``backward(primals, outputs)`` is the loss's gradient with respect to ``self`` for a
-    unit ``grad_output`` (per frame for ``reduction='none'``). Tangents of the other
-    arguments decline (the decomposition runs).
-    """
-
-    def rule(primals: list, tangents: list):
-        if any(t is not None for t in tangents[1:]):
-            return NotImplemented
-        outputs = op(*primals)
-        loss = outputs[0] if isinstance(outputs, tuple) else outputs
-        if tangents[0] is None:
-            return outputs, None
-        product = backward(primals, outputs) * tangents[0]
-        tangent = (product.sum(-1) if loss.dim() else product.sum()).reshape(loss.shape)
-        return outputs, ((tangent, None) if isinstance(outputs, tuple) else tangent)
-
-    return rule
+def _multilabel_forward_rule(primals: list, tangents: list):
+    """The loss's tangent: its gradient kernel (unit ``grad_output``, the ``is_target`` the forward
+    returns) contracted with ``self``'s tangent, per frame for ``reduction='none'``."""
+    loss, is_target = aten.multilabel_margin_loss_forward(*primals)
+    if tangents[0] is None:
+        return (loss, is_target), None
+    product = aten.multilabel_margin_loss_backward(torch.ones_like(loss), *primals, is_target) * tangents[0]
+    tangent = (product.sum(-1) if loss.dim() else product.sum()).reshape(loss.shape)
+    return (loss, is_target), (tangent, None)
 
 
 @builtin(aten.multi_margin_loss.default, samples=_multi_margin_samples)
@@ -278,14 +266,7 @@ def _multilabel_samples(device: str, dtype: torch.dtype) -> Iterator[Sample]:
 
 
 @builtin(aten.multilabel_margin_loss_forward.default, samples=_multilabel_samples)
-@with_tangent_rule(
-    _loss_rule(
-        aten.multilabel_margin_loss_forward.default,
-        lambda primals, outputs: aten.multilabel_margin_loss_backward(
-            torch.ones_like(outputs[0]), *primals, outputs[1]
-        ),
-    )
-)
+@with_tangent_rule(_multilabel_forward_rule)
 def multilabel_margin_loss_forward(
     self: torch.Tensor, target: torch.Tensor, reduction: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
