@@ -211,26 +211,23 @@ def _multilabel_margin_backward(device: str, dtype: torch.dtype) -> Sample:
     return Sample((grad, x, target, reduction, is_target), note="256x100, 5 labels", tangents=(0, 1))
 
 
-def _embedding_bag_dense_backward(device: str, dtype: torch.dtype) -> Sample:
-    weight, indices, offsets, scale, mode = _embedding_bag(device, dtype).args
-    out, offset2bag, bag_size, max_indices = aten._embedding_bag(weight, indices, offsets, scale, mode)
-    if offset2bag.numel() != indices.numel():  # the CPU kernel's fast path leaves it empty
-        offset2bag = torch.zeros_like(indices).index_add_(0, offsets[1:], torch.ones_like(offsets[1:])).cumsum(0)
-    gen = torch.Generator(device=device).manual_seed(1)
-    grad = _randn_on(gen, device, dtype, *out.shape)
-    args = (grad, indices, offset2bag, bag_size, max_indices, weight.shape[0], False, mode, None)
-    return Sample(args, note="10000x64, 256 bags of 16")
-
-
 def _bag_outputs(device: str, dtype: torch.dtype, per_sample_weights: bool = False):
+    """The realistic ``_embedding_bag`` call's inputs and outputs, and a gradient for its backward operators."""
     weight, indices, offsets, scale, mode = _embedding_bag(device, dtype).args
-    psw = torch.rand(indices.shape, dtype=dtype, device=device) if per_sample_weights else None
+    gen = torch.Generator(device=device).manual_seed(2)
+    psw = torch.rand(indices.shape, dtype=dtype, device=device, generator=gen) if per_sample_weights else None
     out, offset2bag, bag_size, max_indices = aten._embedding_bag(weight, indices, offsets, scale, mode, False, psw)
     if offset2bag.numel() != indices.numel():  # the CPU kernel's fast path leaves it empty
         offset2bag = torch.zeros_like(indices).index_add_(0, offsets[1:], torch.ones_like(offsets[1:])).cumsum(0)
     gen = torch.Generator(device=device).manual_seed(1)
     grad = _randn_on(gen, device, dtype, *out.shape)
     return grad, weight, indices, offsets, offset2bag, bag_size, max_indices, mode, psw
+
+
+def _embedding_bag_dense_backward(device: str, dtype: torch.dtype) -> Sample:
+    grad, weight, indices, _, offset2bag, bag_size, max_indices, mode, _ = _bag_outputs(device, dtype)
+    args = (grad, indices, offset2bag, bag_size, max_indices, weight.shape[0], False, mode, None)
+    return Sample(args, note="10000x64, 256 bags of 16")
 
 
 def _embedding_bag_backward(device: str, dtype: torch.dtype) -> Sample:
