@@ -63,6 +63,11 @@ def is_composite_implicit(op: OpOverload) -> bool:
     return has_kernel_for_key(op, "CompositeImplicitAutograd")
 
 
+# Bound once: ``torch._VF.name`` is a module ``__getattr__`` costing ~2 µs per call, more than the call.
+_unpack_dual_cpp = torch._C._VariableFunctions._unpack_dual
+_make_dual_cpp = torch._C._VariableFunctions._make_dual
+
+
 def unpack_dual(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``forward_ad.unpack_dual`` at the current level, without its Python layers where none is needed.
 
@@ -75,7 +80,7 @@ def unpack_dual(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None
     if torch._C._is_torch_function_mode_enabled():
         primal, tangent = forward_ad.unpack_dual(tensor)
         return primal, tangent
-    primal, tangent = torch._VF._unpack_dual(tensor, level)
+    primal, tangent = _unpack_dual_cpp(tensor, level)
     return primal, tangent
 
 
@@ -87,7 +92,7 @@ def make_dual(tensor: torch.Tensor, tangent: torch.Tensor) -> torch.Tensor:
     """
     if torch._C._is_torch_function_mode_enabled():
         return forward_ad.make_dual(tensor, tangent)
-    return torch._VF._make_dual(tensor, tangent, forward_ad._current_level)
+    return _make_dual_cpp(tensor, tangent, forward_ad._current_level)
 
 
 def tangent_of(tensor: torch.Tensor) -> torch.Tensor | None:

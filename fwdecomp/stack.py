@@ -20,12 +20,14 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 __all__ = [
+    "Layout",
     "arguments_to_stack",
+    "layout",
     "results_to_stack",
     "stack_to_arguments",
     "stack_to_results",
@@ -36,20 +38,62 @@ def _qualname(schema: torch.FunctionSchema) -> str:
     return f"{schema.name}.{schema.overload_name}" if schema.overload_name else schema.name
 
 
+class Layout(NamedTuple):
+    """What the calling convention needs of a schema's arguments, read once.
+
+    ``torch.FunctionSchema.arguments`` builds new Python objects on every
+    access (about 1 µs per call of an operator with a few arguments), so the
+    per-call conversions read this instead.
+    """
+
+    names: tuple[str, ...]
+    defaults: tuple[tuple[bool, Any], ...]  # (has a default, the default) per argument
+    positional: int  # arguments before the first keyword-only one
+    kwarg_only: tuple[str, ...]  # names of the keyword-only arguments, in order
+
+
+_layouts: dict[int, tuple[torch.FunctionSchema, Layout]] = {}
+
+
+def layout(schema: torch.FunctionSchema) -> Layout:
+    """The schema's :class:`Layout` (cached: an operator keeps its schema object)."""
+    cached = _layouts.get(id(schema))
+    if cached is None or cached[0] is not schema:
+        arguments = schema.arguments
+        kwarg_only = [a.kwarg_only for a in arguments]
+        positional = kwarg_only.index(True) if True in kwarg_only else len(arguments)
+        if any(not k for k in kwarg_only[positional:]):  # not a schema PyTorch writes; keep every argument positional
+            positional = len(arguments)
+        cached = _layouts[id(schema)] = (
+            schema,
+            Layout(
+                names=tuple(a.name for a in arguments),
+                defaults=tuple(
+                    (True, a.default_value) if a.has_default_value() else (False, None) for a in arguments
+                ),
+                positional=positional,
+                kwarg_only=tuple(a.name for a in arguments[positional:]),
+            ),
+        )
+    return cached[1]
+
+
 def arguments_to_stack(schema: torch.FunctionSchema, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
     """Order ``args``/``kwargs`` as the schema's arguments, filling in defaults."""
-    arguments = schema.arguments
-    if len(args) > len(arguments):
-        raise TypeError(f"{_qualname(schema)} takes {len(arguments)} arguments but {len(args)} were given")
+    names, defaults = layout(schema)[:2]
+    if len(args) > len(names):
+        raise TypeError(f"{_qualname(schema)} takes {len(names)} arguments but {len(args)} were given")
     stack = list(args)
+    if len(args) == len(names) and not kwargs:
+        return stack
     unused = dict(kwargs)
-    for argument in arguments[len(args) :]:
-        if argument.name in unused:
-            stack.append(unused.pop(argument.name))
-        elif argument.has_default_value():
-            stack.append(argument.default_value)
+    for name, (has_default, default) in zip(names[len(args) :], defaults[len(args) :]):
+        if name in unused:
+            stack.append(unused.pop(name))
+        elif has_default:
+            stack.append(list(default) if isinstance(default, list) else default)  # callers may mutate it
         else:
-            raise TypeError(f"{_qualname(schema)} is missing argument {argument.name!r}")
+            raise TypeError(f"{_qualname(schema)} is missing argument {name!r}")
     if unused:
         raise TypeError(f"{_qualname(schema)} got unexpected arguments {sorted(unused)}")
     return stack
@@ -57,14 +101,8 @@ def arguments_to_stack(schema: torch.FunctionSchema, args: tuple[Any, ...], kwar
 
 def stack_to_arguments(schema: torch.FunctionSchema, stack: list[Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """Split a stack of arguments into positional arguments and keyword-only arguments."""
-    args: list[Any] = []
-    kwargs: dict[str, Any] = {}
-    for argument, value in zip(schema.arguments, stack):
-        if argument.kwarg_only:
-            kwargs[argument.name] = value
-        else:
-            args.append(value)
-    return tuple(args), kwargs
+    _, _, positional, kwarg_only = layout(schema)
+    return tuple(stack[:positional]), dict(zip(kwarg_only, stack[positional:]))
 
 
 def results_to_stack(schema: torch.FunctionSchema, results: Any) -> list[Any]:
