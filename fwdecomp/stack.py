@@ -68,9 +68,7 @@ def layout(schema: torch.FunctionSchema) -> Layout:
             schema,
             Layout(
                 names=tuple(a.name for a in arguments),
-                defaults=tuple(
-                    (True, a.default_value) if a.has_default_value() else (False, None) for a in arguments
-                ),
+                defaults=tuple((True, a.default_value) if a.has_default_value() else (False, None) for a in arguments),
                 positional=positional,
                 kwarg_only=tuple(a.name for a in arguments[positional:]),
             ),
