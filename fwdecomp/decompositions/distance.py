@@ -85,20 +85,30 @@ def _gram_sqrt(squared: torch.Tensor) -> torch.Tensor:
     return squared.clamp_min(torch.finfo(squared.dtype).tiny).sqrt()
 
 
-def _divide_where_positive(numerator: torch.Tensor, distance: torch.Tensor, fresh: bool = False) -> torch.Tensor:
+def _all_positive(distance: torch.Tensor) -> bool:
+    """Whether every distance is known to be > 0 (CPU only; ``False`` where the check cannot run:
+    inside ``vmap`` over the distances)."""
+    if distance.device.type != "cpu" or not distance.numel():
+        return False
+    try:
+        return bool(distance.min() > 0)
+    except RuntimeError:  # data-dependent control flow under vmap
+        return False
+
+
+def _divide_where_positive(
+    numerator: torch.Tensor, distance: torch.Tensor, fresh: bool = False, positive: bool | None = None
+) -> torch.Tensor:
     """``numerator / distance``, 0 where the distance is 0 (the derivative PyTorch gives there).
 
     On CPU the mask costs as much as the division (a 4M-entry ``where``: ~7 ms); distances
-    are rarely 0, so it is applied only when the smallest is (or when the check cannot run:
-    inside ``vmap`` over the distances). ``fresh``: ``numerator`` is the caller's own
-    temporary, divided in place (at 4M entries a new buffer costs as much as the division).
+    are rarely 0, so it is applied only when the smallest is (:func:`_all_positive`; a caller
+    that divides by the same distances several times passes its answer as ``positive``).
+    ``fresh``: ``numerator`` is the caller's own temporary, divided in place (at 4M entries a
+    new buffer costs as much as the division).
     """
-    if distance.device.type == "cpu" and distance.numel():
-        try:
-            if bool(distance.min() > 0):
-                return numerator.div_(distance) if fresh else numerator / distance
-        except RuntimeError:  # data-dependent control flow under vmap
-            pass
+    if _all_positive(distance) if positive is None else positive:
+        return numerator.div_(distance) if fresh else numerator / distance
     return torch.where(distance > 0, numerator / distance, numerator.new_zeros(()))
 
 
@@ -293,29 +303,28 @@ def _pdist_backward_samples(device: str, dtype: torch.dtype) -> Iterator[Sample]
 def _pdist_backward_rule(primals: list, tangents: list):
     """p = 2: the kernel is ``sum_j W_ij (x_i - x_j)``, ``W = U + U^T``, ``U`` the upper triangle of
     ``grad / pdist``; the tangent is the same sum with ``U'`` from ``d_grad - grad d_pdist / pdist``
-    and ``x``, plus ``U`` with ``d_x``: ``(rowsum U' + colsum U') x - U' x - U'^T x + ...``, N x N
-    matrix products (no symmetric matrix is formed)."""
+    and ``x``, plus ``U`` with ``d_x``: ``deg(U') x - U' x - U'^T x + ...``. Both triangles are
+    scattered into one (2, N, N) tensor and multiplied in one batch (no symmetric matrix is formed)."""
     grad, x, p, pdist = primals
     d_grad, d_x, _, d_pdist = tangents
     if p != 2 or x.shape[-1] == 0 or x.dtype not in _MATMUL_DTYPES or x.dim() != 2:
         return NotImplemented
     out = aten._pdist_backward(grad, x, p, pdist)
-    rows = x.shape[0]
-    flat = _flat_pairs(rows, x.device)
+    positive = _all_positive(pdist)
     weights = d_grad
     if d_pdist is not None:
-        shift = _divide_where_positive(grad * d_pdist, pdist)
-        weights = -shift if weights is None else weights - shift
-    tangent = None
-    for pair_values, points in ((weights, x), (grad if d_x is not None else None, d_x)):
-        if pair_values is None:
-            continue
-        values = _divide_where_positive(pair_values, pdist).to(x.dtype)
-        upper = values.new_zeros(rows * rows).index_copy(0, flat, values).view(rows, rows)
-        degree = (upper.sum(1) + upper.sum(0)).unsqueeze(1)
-        term = degree * points - upper @ points - upper.mT @ points
-        tangent = term if tangent is None else tangent + term
-    return out, tangent
+        shift = _divide_where_positive(grad * d_pdist, pdist, fresh=True, positive=positive)
+        weights = shift.neg_() if weights is None else weights - shift
+    pairs = [(w, points) for w, points in ((weights, x), (grad if d_x is not None else None, d_x)) if w is not None]
+    if not pairs:
+        return out, None
+    values = _divide_where_positive(torch.stack([w for w, _ in pairs]), pdist, fresh=True, positive=positive)
+    rows, count = x.shape[0], len(pairs)
+    upper = x.new_zeros(count, rows * rows).index_copy_(1, _flat_pairs(rows, x.device), values.to(x.dtype))
+    upper = upper.view(count, rows, rows)
+    points = torch.stack([points for _, points in pairs])
+    degree = (upper.sum(2) + upper.sum(1)).unsqueeze(2)
+    return out, (degree * points - torch.baddbmm(upper.mT @ points, upper, points)).sum(0)
 
 
 @builtin(aten._pdist_backward.default, samples=_pdist_backward_samples)
