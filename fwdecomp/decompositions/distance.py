@@ -319,8 +319,10 @@ def _pdist_backward_rule(primals: list, tangents: list):
     if not pairs:
         return out, None
     values = _divide_where_positive(torch.stack([w for w, _ in pairs]), pdist, fresh=True, positive=positive)
+    values = values.to(x.dtype)
     rows, count = x.shape[0], len(pairs)
-    upper = x.new_zeros(count, rows * rows).index_copy_(1, _flat_pairs(rows, x.device), values.to(x.dtype))
+    # in place, into zeros made from ``values`` (batched like it under vmap): no second N x N copy
+    upper = values.new_zeros(count, rows * rows).index_copy_(1, _flat_pairs(rows, x.device), values)
     upper = upper.view(count, rows, rows)
     points = torch.stack([points for _, points in pairs])
     degree = (upper.sum(2) + upper.sum(1)).unsqueeze(2)
