@@ -33,6 +33,7 @@ import torch
 
 from fwdecomp.decompositions import builtin
 from fwdecomp.registry import Sample, symmetrize
+from fwdecomp.tangent_rules import with_tangent_rule
 
 aten = torch.ops.aten
 
@@ -59,7 +60,26 @@ def _cholesky_samples(device: str, dtype: torch.dtype) -> Iterator[Sample]:
     yield Sample((spd(0, 0), True), note="0x0", prepare=symmetrize)
 
 
+def _cholesky_rule(primals: list, tangents: list):
+    """``dL = L Phi(L^-1 dA L^-H)`` (``Phi``: the lower triangle, half the diagonal), as PyTorch's
+    ``linalg_cholesky`` forward formula, with the factor from ``aten::cholesky`` itself (its checks
+    cost less than ``linalg.cholesky``'s) and both solves taken from the right (``L^-1 dA`` as
+    ``(dA^H L^-H)^H``), which LAPACK runs about twice as fast here."""
+    self, upper = primals
+    factor = aten.cholesky(self, upper)
+    d_self = tangents[0]
+    if d_self is None:
+        return factor, None
+    lower = factor.mH if upper else factor
+    solved = torch.linalg.solve_triangular(lower.mH, d_self.mH, upper=True, left=False).mH  # L^-1 dA
+    phi = torch.linalg.solve_triangular(lower.mH, solved, upper=True, left=False).tril_()  # ... L^-H
+    phi.diagonal(dim1=-2, dim2=-1).mul_(0.5)
+    d_lower = lower @ phi
+    return factor, d_lower.mH if upper else d_lower
+
+
 @builtin(aten.cholesky.default, samples=_cholesky_samples)
+@with_tangent_rule(_cholesky_rule)
 def cholesky(self: torch.Tensor, upper: bool = False) -> torch.Tensor:
     """The Cholesky factor, lower (``A = L L^H``) or upper (``A = U^H U``)."""
     return torch.linalg.cholesky(self, upper=upper)
