@@ -50,6 +50,7 @@ class Layout(NamedTuple):
     defaults: tuple[tuple[bool, Any], ...]  # (has a default, the default) per argument
     positional: int  # arguments before the first keyword-only one
     kwarg_only: tuple[str, ...]  # names of the keyword-only arguments, in order
+    returns: int  # how many values the operator returns
 
 
 _layouts: dict[int, tuple[torch.FunctionSchema, Layout]] = {}
@@ -71,6 +72,7 @@ def layout(schema: torch.FunctionSchema) -> Layout:
                 defaults=tuple((True, a.default_value) if a.has_default_value() else (False, None) for a in arguments),
                 positional=positional,
                 kwarg_only=tuple(a.name for a in arguments[positional:]),
+                returns=len(schema.returns),
             ),
         )
     return cached[1]
@@ -99,13 +101,13 @@ def arguments_to_stack(schema: torch.FunctionSchema, args: tuple[Any, ...], kwar
 
 def stack_to_arguments(schema: torch.FunctionSchema, stack: list[Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """Split a stack of arguments into positional arguments and keyword-only arguments."""
-    _, _, positional, kwarg_only = layout(schema)
+    _, _, positional, kwarg_only, _ = layout(schema)
     return tuple(stack[:positional]), dict(zip(kwarg_only, stack[positional:]))
 
 
 def results_to_stack(schema: torch.FunctionSchema, results: Any) -> list[Any]:
     """A function's return value as a list with one entry per schema return."""
-    count = len(schema.returns)
+    count = layout(schema).returns
     if count == 0:
         return []
     if count == 1:
@@ -118,7 +120,7 @@ def results_to_stack(schema: torch.FunctionSchema, results: Any) -> list[Any]:
 
 def stack_to_results(schema: torch.FunctionSchema, stack: list[Any]) -> Any:
     """The Python return value for a stack of results: ``None``, one value, or a tuple."""
-    count = len(schema.returns)
+    count = layout(schema).returns
     if count == 0:
         return None
     if count == 1:

@@ -61,6 +61,7 @@ __all__ = [
     "TangentRule",
     "add",
     "disabled",
+    "in_place",
     "is_enabled",
     "multilinear",
     "reverse_mode_can_see",
@@ -144,10 +145,15 @@ def try_rule(op: OpOverload, stack: list[Any], fn: Callable[..., Any]) -> bool:
     primals, tangents = jvp_rules.split_tangents(schema_of(op), stack)
     if reverse_mode_can_see(primals, tangents) or _legacy_vmap(tangents):
         return False
+    key = (op, rule)
+    bound = _bound.get(key)
+    if bound is None:
+        bound = _bound[key] = jvp_rules.JvpRule(op, rule)
     with tangent_free_calls():  # the rule calls operators on primals: no tangent checks needed
-        return jvp_rules.run_rule(
-            op, stack, jvp_rules.JvpRule(op, rule), may_decline=True, split=(primals, tangents), trusted=True
-        )
+        return jvp_rules.run_rule(op, stack, bound, may_decline=True, split=(primals, tangents), trusted=True)
+
+
+_bound: dict[tuple[OpOverload, TangentRule], jvp_rules.JvpRule] = {}  # (op, rule) -> its JvpRule, made once
 
 
 # --- helpers for writing rules -------------------------------------------------------
@@ -162,6 +168,17 @@ def add(*terms: torch.Tensor | None) -> torch.Tensor | None:
     for term in present[1:]:
         total = total + term
     return total
+
+
+def in_place(fresh: torch.Tensor, method: str, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """``fresh.method_(*args)`` on a rule's own intermediate ``fresh``; out of place where that
+    cannot be done: ``args`` broadcast ``fresh`` to a larger shape, or ``vmap`` refuses it
+    (``fresh`` not batched, an argument batched). Saves a pass and an allocation on
+    memory-bound tangents; nothing records a rule's operations, so the old value is never needed."""
+    try:
+        return getattr(fresh, method + "_")(*args, **kwargs)
+    except RuntimeError:
+        return getattr(fresh, method)(*args, **kwargs)
 
 
 def _differentiable(value: Any) -> bool:

@@ -237,7 +237,8 @@ def test_tangent_free_calls_skip_checks_at_their_level_only(enabled):
 
 
 def test_vmap_over_primals_through_rules(enabled):
-    """vmap over primals and tangents of a JVP through rules (pdist, CTC, grid_sample) equals a loop,
+    """vmap over primals and tangents of a JVP through rules (pdist and its backward, cholesky, soft margin,
+    CTC, grid_sample) equals a loop,
     also when the rule's cached index tensors are first made inside the transforms."""
     from fwdecomp.decompositions import distance
 
@@ -248,8 +249,16 @@ def test_vmap_over_primals_through_rules(enabled):
     targets = torch.tensor([[1, 2, 2], [3, 1, 0]])
     image = torch.randn(2, 3, 5, 4, dtype=torch.float64, generator=gen)
     grids = torch.rand(3, 2, 3, 2, 2, dtype=torch.float64, generator=gen) * 2 - 1
+    spd = torch.randn(3, 4, 4, dtype=torch.float64, generator=gen)
+    spd = spd @ spd.mT + 4 * torch.eye(4, dtype=torch.float64)
+    sym = torch.randn(3, 4, 4, dtype=torch.float64, generator=gen)
+    pair_grad = torch.randn(21, dtype=torch.float64, generator=gen)
+    grad_out, labels = torch.randn(7, 4, dtype=torch.float64, generator=gen), torch.sign(x[0])
     cases = [
         (torch.pdist, x, v),
+        (lambda a: aten.cholesky(a), spd, sym + sym.mT),
+        (lambda a: aten._pdist_backward(pair_grad, a, 2.0, aten._pdist_forward(a, 2.0)), x, v),
+        (lambda a: aten.soft_margin_loss_backward(grad_out, a, labels, 1), x, v),
         (lambda lp: aten._ctc_loss(lp, targets, [8, 7], [3, 2])[0], log_probs, torch.randn_like(log_probs)),
         (lambda g: _grid_sample(image, g), grids, torch.randn_like(grids)),
     ]

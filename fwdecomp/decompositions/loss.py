@@ -35,7 +35,7 @@ import torch
 
 from fwdecomp.decompositions import builtin
 from fwdecomp.registry import Sample
-from fwdecomp.tangent_rules import with_tangent_rule
+from fwdecomp.tangent_rules import in_place, with_tangent_rule
 
 aten = torch.ops.aten
 
@@ -205,12 +205,11 @@ def _soft_margin_loss_backward_rule(primals: list, tangents: list):
         return out, None if tangent is None else tangent.expand(out.shape).to(out.dtype)
     a = aten.soft_margin_loss_backward(grad_output.new_ones(()), self, target, reduction)
     out = a * grad_output
-    slope = torch.add(target, a, alpha=1.0 / _norm(self, reduction)).mul_(a)
-    slope = slope.mul_(grad_output) if slope.shape == out.shape else slope * grad_output
+    slope = in_place(in_place(torch.add(target, a, alpha=1.0 / _norm(self, reduction)), "mul", a), "mul", grad_output)
     if d_grad is None:
-        tangent = slope.mul_(d_self).neg_() if slope.shape == out.shape else -(slope * d_self)
+        tangent = in_place(in_place(slope, "mul", d_self), "neg")
     else:
-        tangent = (a * d_grad).addcmul_(slope, d_self, value=-1.0)
+        tangent = in_place(a * d_grad, "addcmul", slope, d_self, value=-1.0)
     return out, tangent.expand(out.shape).to(out.dtype)
 
 
