@@ -161,12 +161,72 @@ def _segment_reduce_rule(primals: list, tangents: list):
     return out, call(aten.segment_reduce.default, shifted)
 
 
-@builtin(aten.index_reduce.default, samples=lambda device, dtype: _index_reduce_samples(device, dtype))
-@with_tangent_rule(
-    multilinear(  # the mean is linear in self and source together
-        aten.index_reduce.default, (("self", "source"),), declines=lambda primals, tangents: primals[4] != "mean"
-    )
+def _tie_split(
+    self: torch.Tensor,
+    dim: int,
+    index: torch.Tensor,
+    source: torch.Tensor,
+    include_self: bool,
+    result: torch.Tensor,
+    d_self: torch.Tensor,
+    d_source: torch.Tensor,
+) -> torch.Tensor:
+    """amax / amin: the tangents of the entries equal to the result, split evenly among them, as
+    ``index_reduce_backward`` does (``self``, ``source``: values; ``d_*``: tangents or carriers)."""
+    self_ties = self == result
+    source_ties = source == result.index_select(dim, index)
+    ties = self_ties.to(d_self.dtype).index_add(dim, index, source_ties.to(d_self.dtype))
+    self_share = torch.where(self_ties, d_self, 0)
+    if not include_self:
+        self_share = self_share.index_fill(dim, index, 0)
+    return self_share.index_add(dim, index, torch.where(source_ties, d_source, 0)) / ties
+
+
+_index_reduce_mean_rule = multilinear(  # the mean is linear in self and source together
+    aten.index_reduce.default, (("self", "source"),), declines=lambda primals, tangents: primals[4] != "mean"
 )
+
+
+def _index_reduce_rule(primals: list, tangents: list):
+    """mean: the kernel on the tangents (linear). prod: ``out * (d_self / self + sum d_source / source)``
+    over each slot's group, where no factor is 0 (else the zero-safe decomposition runs). amax/amin:
+    the even split among ties, as the decomposition, on plain tensors."""
+    self, dim, index, source, reduce, include_self = primals
+    if reduce == "mean":
+        return _index_reduce_mean_rule(primals, tangents)
+    d_self, d_source = tangents[0], tangents[3]
+    if any(t is not None for i, t in enumerate(tangents) if i not in (0, 3)):
+        return NotImplemented
+    out = call(aten.index_reduce.default, primals)
+    if d_self is None and d_source is None:
+        return out, None
+    shape = out.shape
+    if self.dim() == 0:  # the kernel treats a 0-d self (and source) as 1-element vectors
+        self, source, out = self.reshape(1), source.reshape(1), out.reshape(1)
+    dim = dim % self.dim()
+    d_self = torch.zeros_like(self) if d_self is None else d_self.reshape(self.shape)
+    d_source = torch.zeros_like(source) if d_source is None else d_source.reshape(source.shape)
+    if reduce != "prod":
+        return out.reshape(shape), _tie_split(self, dim, index, source, include_self, out, d_self, d_source).reshape(
+            shape
+        )
+    try:
+        if bool((source == 0).any()) or (include_self and bool((self == 0).any())):
+            return NotImplemented
+    except RuntimeError:  # data-dependent control flow under vmap
+        return NotImplemented
+    sums = torch.zeros_like(out).index_add(dim, index, d_source / source)
+    if include_self:
+        tangent = out * (sums + d_self / self)
+    else:
+        hit = torch.zeros(out.shape[dim], dtype=torch.bool, device=out.device).index_fill(0, index, True)
+        hit = hit.view(-1, *([1] * (out.dim() - dim - 1)))
+        tangent = torch.where(hit, out * sums, d_self)
+    return out.reshape(shape), tangent.reshape(shape)
+
+
+@builtin(aten.index_reduce.default, samples=lambda device, dtype: _index_reduce_samples(device, dtype))
+@with_tangent_rule(_index_reduce_rule)
 def index_reduce(
     self: torch.Tensor,
     dim: int,
@@ -195,15 +255,9 @@ def index_reduce(
                 d_self = d_self.index_fill(dim, index, 0)
             counts = counts.index_add(dim, index, torch.ones_like(source.detach()))
             tangent = d_self.index_add(dim, index, d_source) / counts
-        else:  # amax / amin: index_reduce_backward's even split among ties
+        else:  # amax / amin
             result = value.reshape(self.shape)
-            self_ties = self.detach() == result
-            source_ties = source.detach() == result.index_select(dim, index)
-            ties = self_ties.to(self.dtype).index_add(dim, index, source_ties.to(self.dtype))
-            self_share = torch.where(self_ties, d_self, 0)
-            if not include_self:
-                self_share = self_share.index_fill(dim, index, 0)
-            tangent = self_share.index_add(dim, index, torch.where(source_ties, d_source, 0)) / ties
+            tangent = _tie_split(self.detach(), dim, index, source.detach(), include_self, result, d_self, d_source)
     return value + tangent.reshape(value.shape)
 
 
