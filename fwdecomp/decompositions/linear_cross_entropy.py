@@ -65,7 +65,7 @@ import torch
 
 from fwdecomp.decompositions import builtin
 from fwdecomp.registry import Sample
-from fwdecomp.tangent_rules import with_tangent_rule
+from fwdecomp.tangent_rules import in_place, with_tangent_rule
 
 __all__ = ["AVAILABLE"]
 
@@ -238,8 +238,10 @@ def _no_reduction_rule(primals: list, tangents: list):
         rows = slice(start, start + step)
         x, t = input[rows], safe_target[rows]
         logits = x @ linear_weight.mT if linear_bias is None else torch.addmm(linear_bias, x, linear_weight.mT)
-        losses.append(logits.logsumexp(1) - logits.gather(1, t.unsqueeze(1)).squeeze(1))
-        p = logits.softmax(1)
+        normalizer = logits.logsumexp(1)
+        losses.append(normalizer - logits.gather(1, t.unsqueeze(1)).squeeze(1))
+        # the softmax from the log-sum-exp, in place: one exponential pass over the chunk's logits, not two
+        p = in_place(in_place(logits, "sub", normalizer.unsqueeze(1)), "exp")
         tangent = torch.zeros_like(losses[-1])
         if stacked is not None:
             weighted = p @ stacked
