@@ -367,7 +367,11 @@ def test_ctc_hessian_vector_product_equals_finite_differences_of_pytorchs_gradie
     torch.testing.assert_close(hvp, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_ctc_impossible_alignment_and_empty_input(enabled):
+@pytest.mark.parametrize("threshold", [0, 1 << 40], ids=["loss tangent from the alphas", "from the kernel"])
+def test_ctc_impossible_alignment_and_empty_input(enabled, monkeypatch, threshold):
+    from fwdecomp.decompositions import ctc
+
+    monkeypatch.setattr(ctc, "KERNEL_LOSS_TANGENT_MAX_NUMEL", threshold)  # both ways of the tangent rule
     log_probs = torch.randn(4, 3, 5, dtype=f64)
     targets = torch.tensor([[1, 1, 1], [2, 3, 0], [1, 0, 0]])
     lengths = ([2, 4, 0], [3, 2, 1])  # 1,1,1 needs 5 steps; the third input is empty

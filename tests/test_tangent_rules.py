@@ -99,6 +99,24 @@ def test_rule_outputs_are_the_kernels_bits(enabled, rule_calls, dtype):
                 ), f"{op} ({sample.note}): the output differs from the kernel's"
 
 
+@pytest.mark.parametrize("threshold", [0, 1 << 40], ids=["loss tangent from the alphas", "from the kernel"])
+def test_ctc_loss_rule_both_ways_equals_the_decomposition(enabled, rule_calls, monkeypatch, threshold):
+    """The CTC rule takes the loss's tangent from the backward kernel on small problems and from the
+    alphas' tangent on large ones: each way, on every sample, the decomposition's."""
+    from fwdecomp.decompositions import ctc
+
+    monkeypatch.setattr(ctc, "KERNEL_LOSS_TANGENT_MAX_NUMEL", threshold)
+    for op in (aten._ctc_loss.default, aten._ctc_loss.Tensor):
+        for sample in fwdecomp.registry.lookup(op).samples("cpu", torch.float64):
+            answered = rule_calls[(op, True)]
+            values, tangents = sample_forward_ad(op, sample)
+            assert rule_calls[(op, True)] == answered + 1
+            with tangent_rules.disabled():
+                ref_values, ref_tangents = sample_forward_ad(op, sample)
+            for got, want in zip([*values, *tangents], [*ref_values, *ref_tangents]):
+                torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9, equal_nan=True)
+
+
 def test_each_rule_answers_some_sample(enabled, rule_calls):
     for op in _ops_with_rules():
         for sample in fwdecomp.registry.lookup(op).samples("cpu", torch.float64):
