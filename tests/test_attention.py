@@ -176,6 +176,36 @@ def test_reverse_mode_through_the_jvp(name):
         close(a, b, 1e-9)
 
 
+@pytest.mark.parametrize("length, key_length, causal", [(3, 6, False), (3, 6, True), (6, 6, True), (7, 4, False)])
+def test_forward_over_reverse_in_one_forward_ad_level(enabled, length, key_length, causal):
+    """A Hessian-vector product with forward_ad around autograd.grad(create_graph=True) through the CPU
+    flash kernel (what gradgradcheck's forward-over-reverse check does): the blockwise backward runs on
+    the saved values carrying their tangents again, so the gradient has the right tangent (it had none)."""
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 2, length, 8, dtype=torch.float64, generator=gen)
+    k, v = (torch.randn(2, 2, key_length, 8, dtype=torch.float64, generator=gen) for _ in range(2))
+    w, dq = torch.randn_like(q), torch.randn_like(q)
+    dk, dv = torch.randn_like(k), torch.randn_like(v)
+
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    with forward_ad.dual_level():
+        duals = [forward_ad.make_dual(x, t) for x, t in zip(leaves, (dq, dk, dv))]
+        out = (F.scaled_dot_product_attention(*duals, is_causal=causal) * w).sum()
+        grads = torch.autograd.grad(out, leaves, create_graph=True)
+        got = [forward_ad.unpack_dual(g).tangent for g in grads]
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        _, want = jvp(
+            lambda *x: torch.func.grad(
+                lambda *y: (F.scaled_dot_product_attention(*y, is_causal=causal) * w).sum(), argnums=(0, 1, 2)
+            )(*x),
+            (q, k, v),
+            (dq, dk, dv),
+        )
+    for a, b in zip(got, want):
+        assert a is not None
+        close(a, b, 1e-10)
+
+
 def test_block_sizes_do_not_change_results():
     primals, tangents, *_ = _case("causal top-left, L > S")
     results = []

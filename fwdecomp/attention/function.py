@@ -29,7 +29,13 @@ from typing import Any, Sequence
 
 import torch
 
-from fwdecomp._torch import functorch_transforms_active
+from fwdecomp._torch import (
+    forward_ad_level,
+    forward_grad_is_enabled,
+    functorch_transforms_active,
+    make_dual,
+    tangent_of,
+)
 from fwdecomp.attention import blocks, kernel
 from fwdecomp.attention.kernel import Spec
 
@@ -57,6 +63,7 @@ class BlockwiseAttentionJVP(torch.autograd.Function):
         q, k, v, mask, dq, dk, dv, dmask, spec = inputs
         o, lse, do, dl = output
         ctx.spec = spec
+        ctx.level = forward_ad_level()  # the forward-AD level whose tangents dq, dk, dv are
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(q, k, v, mask, dq, dk, dv, dmask, o, lse, do, dl)
         ctx.save_for_forward(q, k, v, mask, dq, dk, dv, dmask)
@@ -67,6 +74,15 @@ class BlockwiseAttentionJVP(torch.autograd.Function):
         needs = tuple(ctx.needs_input_grad[:8])
         if not any(needs) or (go is None and gl is None and gdo is None and gdl is None):
             return (None,) * 9
+        if _differentiated_in_forward_mode(ctx.level):
+            # Forward-over-reverse in the forward-AD level that split the tangents off (a Hessian-
+            # vector product with forward_ad, gradgradcheck): the gradient's tangent is the
+            # backward differentiated along those tangents, so the backward runs on the saved
+            # values carrying them again (q with dq, the outputs with theirs); every operator of
+            # the blockwise backward has a forward formula.
+            q, k, v, mask, o, lse = (
+                _with_tangent(x, t) for x, t in ((q, dq), (k, dk), (v, dv), (mask, dmask), (o, do), (lse, dl))
+            )
         grads = kernel.backward(
             q, k, v, mask, dq, dk, dv, dmask, o, lse, do, dl, go, gl, gdo, gdl, ctx.spec, needs=needs
         )
@@ -93,6 +109,19 @@ class BlockwiseAttentionJVP(torch.autograd.Function):
 
         _, out_tangents = torch.func.jvp(f, tuple(primals[i] for i in positions), tuple(tangents[i] for i in positions))
         return out_tangents
+
+
+def _differentiated_in_forward_mode(level: int) -> bool:
+    """Whether a backward running now is itself differentiated in forward mode at ``level``:
+    that level is still open, forward grad is on and the backward builds a graph
+    (``create_graph=True``: a plain ``.backward()`` inside the level skips the extra work)."""
+    return level >= 0 and forward_ad_level() == level and forward_grad_is_enabled() and torch.is_grad_enabled()
+
+
+def _with_tangent(value: Tensor | None, tangent: Tensor | None) -> Tensor | None:
+    if value is None or tangent is None or not value.is_floating_point() or tangent_of(value) is not None:
+        return value
+    return make_dual(value, tangent)
 
 
 def canonical_mask(mask: Tensor, query_heads: int, kv_heads: int) -> Tensor:
