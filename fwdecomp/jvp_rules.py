@@ -78,7 +78,7 @@ from fwdecomp._torch import (
 from fwdecomp.contract import DecompositionError, SignatureMismatchError, check_results, describe_function
 from fwdecomp.custom_ops import is_tensor_type
 from fwdecomp.overloads import OperatorLike, resolve
-from fwdecomp.stack import results_to_stack, stack_to_arguments
+from fwdecomp.stack import layout, results_to_stack, stack_to_arguments
 
 __all__ = [
     "DuplicateJvpRuleError",
@@ -268,7 +268,7 @@ def split_tangents(schema: torch.FunctionSchema, stack: Iterable[Any]) -> tuple[
     and ``None``.
     """
     primals, tangents = [], []
-    for holds_tensors, value in zip(_tensor_arguments(schema), stack):
+    for holds_tensors, value in zip(layout(schema).holds_tensors, stack):
         if holds_tensors and value is not None:
             primal, tangent = _split(value)
         else:
@@ -276,17 +276,6 @@ def split_tangents(schema: torch.FunctionSchema, stack: Iterable[Any]) -> tuple[
         primals.append(primal)
         tangents.append(tangent)
     return primals, tangents
-
-
-_tensor_flags: dict[int, tuple[torch.FunctionSchema, tuple[bool, ...]]] = {}
-
-
-def _tensor_arguments(schema: torch.FunctionSchema) -> tuple[bool, ...]:
-    """Per argument of ``schema``, whether it holds tensors (cached: an operator keeps its schema object)."""
-    cached = _tensor_flags.get(id(schema))
-    if cached is None or cached[0] is not schema:
-        cached = _tensor_flags[id(schema)] = (schema, tuple(is_tensor_type(a.type) for a in schema.arguments))
-    return cached[1]
 
 
 def call(op: OpOverload, primals: list[Any]) -> Any:

@@ -24,6 +24,8 @@ from typing import Any, NamedTuple
 
 import torch
 
+from fwdecomp.custom_ops import is_tensor_type
+
 __all__ = [
     "Layout",
     "arguments_to_stack",
@@ -51,6 +53,7 @@ class Layout(NamedTuple):
     positional: int  # arguments before the first keyword-only one
     kwarg_only: tuple[str, ...]  # names of the keyword-only arguments, in order
     returns: int  # how many values the operator returns
+    holds_tensors: tuple[bool, ...]  # per argument: Tensor, Tensor?, Tensor[] or Tensor?[]
 
 
 _layouts: dict[int, tuple[torch.FunctionSchema, Layout]] = {}
@@ -73,6 +76,7 @@ def layout(schema: torch.FunctionSchema) -> Layout:
                 positional=positional,
                 kwarg_only=tuple(a.name for a in arguments[positional:]),
                 returns=len(schema.returns),
+                holds_tensors=tuple(is_tensor_type(a.type) for a in arguments),
             ),
         )
     return cached[1]
@@ -101,7 +105,7 @@ def arguments_to_stack(schema: torch.FunctionSchema, args: tuple[Any, ...], kwar
 
 def stack_to_arguments(schema: torch.FunctionSchema, stack: list[Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """Split a stack of arguments into positional arguments and keyword-only arguments."""
-    _, _, positional, kwarg_only, _ = layout(schema)
+    _, _, positional, kwarg_only, *_ = layout(schema)
     return tuple(stack[:positional]), dict(zip(kwarg_only, stack[positional:]))
 
 
