@@ -33,7 +33,7 @@ import torch
 
 from fwdecomp.decompositions import builtin
 from fwdecomp.registry import Sample, symmetrize
-from fwdecomp.tangent_rules import with_tangent_rule
+from fwdecomp.tangent_rules import add, with_tangent_rule
 
 aten = torch.ops.aten
 
@@ -170,7 +170,7 @@ def _ormqr_rule(primals: list, tangents: list):
             cross = _adjoint(dv) @ v
             d_unit = tau.unsqueeze(-1) * (cross + _adjoint(cross)).triu(1)
         if d_tau is not None:
-            d_unit = _sum(d_unit, d_tau.unsqueeze(-1) * gram)
+            d_unit = add(d_unit, d_tau.unsqueeze(-1) * gram)
         rhs = -(d_unit @ t)
         if d_tau is not None:
             rhs = rhs + torch.diag_embed(d_tau)
@@ -179,23 +179,19 @@ def _ormqr_rule(primals: list, tangents: list):
         t, dt = _adjoint(t), None if dt is None else _adjoint(dt)
     if left:
         projected = _adjoint(v) @ other
-        mixed = _sum(None if d_other is None else _adjoint(v) @ d_other, None if dv is None else _adjoint(dv) @ other)
-        inner = _sum(None if mixed is None else t @ mixed, None if dt is None else dt @ projected)
-        reflected = _sum(None if inner is None else v @ inner, None if dv is None else dv @ (t @ projected))
+        mixed = add(None if d_other is None else _adjoint(v) @ d_other, None if dv is None else _adjoint(dv) @ other)
+        inner = add(None if mixed is None else t @ mixed, None if dt is None else dt @ projected)
+        reflected = add(None if inner is None else v @ inner, None if dv is None else dv @ (t @ projected))
     else:
         projected = other @ v
-        mixed = _sum(None if d_other is None else d_other @ v, None if dv is None else other @ dv)
-        inner = _sum(None if mixed is None else mixed @ t, None if dt is None else projected @ dt)
-        reflected = _sum(
+        mixed = add(None if d_other is None else d_other @ v, None if dv is None else other @ dv)
+        inner = add(None if mixed is None else mixed @ t, None if dt is None else projected @ dt)
+        reflected = add(
             None if inner is None else inner @ _adjoint(v), None if dv is None else (projected @ t) @ _adjoint(dv)
         )
     if reflected is None:
         return out, d_other
     return out, -reflected if d_other is None else d_other - reflected
-
-
-def _sum(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
-    return b if a is None else a if b is None else a + b
 
 
 # Complex inputs work as well; tests/test_loss_backward.py checks them (jacfwd and jacrev, two of the

@@ -381,9 +381,6 @@ def _grid_3d_samples(device: str, dtype: torch.dtype) -> Iterator[Sample]:
     yield from _grid_samples(device, dtype, 3)
 
 
-_REDUCED = (torch.float16, torch.bfloat16)
-
-
 def _grid_rule(op: OpOverload, backward: OpOverload) -> TangentRule:
     """The tangent rule of ``grid_sampler_2d`` / ``_3d``: PyTorch's own kernels.
 
