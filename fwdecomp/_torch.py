@@ -177,6 +177,82 @@ def outside_functorch() -> Iterator[None]:
             yield
 
 
+#: Keys functorch adds to the excluded dispatch keys while a ``jvp`` layer processes an
+#: operator (its own layers' keys, and those of the wrappers it handles above autograd),
+#: which the layer below expects back. functorch also excludes keys Python cannot name
+#: (``Tracer``, ``Batched``, ``VmapMode``, ``BatchedNestedTensor``, ``DeferredInit``, and on
+#: torch 2.11 ``Named``): they stay excluded, harmless where :func:`below_jvp_layer` is used
+#: (no JIT tracing, legacy ``vmap``, nested or named tensors there).
+#: ``tests/test_torch_internals.py`` probes the real set.
+JVP_LAYER_EXCLUDED_KEYS: tuple[str, ...] = (
+    "Functionalize",
+    "Conjugate",
+    "Negative",
+    "ZeroTensor",
+    "FuncTorchBatched",
+    "FuncTorchGradWrapper",
+    "PythonTLSSnapshot",
+    "FuncTorchDynamicLayerFrontMode",
+)
+
+
+def innermost_jvp_level() -> int | None:
+    """The level of the innermost ``torch.func`` transform if it is a ``jvp``, else ``None``."""
+    top = torch._C._functorch.peek_interpreter_stack()
+    if top is None or top.key() != torch._C._functorch.TransformType.Jvp:
+        return None
+    return top.level()
+
+
+def unwrap_jvp(tensor: torch.Tensor, level: int) -> torch.Tensor:
+    """The tensor a ``jvp`` layer's wrapper at ``level`` holds (``tensor`` itself if not wrapped there)."""
+    return torch._C._functorch._unwrap_for_grad(tensor, level)
+
+
+def wrap_jvp(tensor: torch.Tensor, level: int) -> torch.Tensor:
+    """``tensor``, computed below the ``jvp`` layer at ``level``, as a value of that layer (no tangent)."""
+    return torch._C._functorch._wrap_for_grad(tensor, level)
+
+
+def may_run_below_jvp_layer(tensors: Any) -> bool:
+    """Whether :func:`below_jvp_layer` suits a computation on these tensors (``None`` entries allowed).
+
+    Not under a dispatch mode or the JIT tracer, nor for nested or named tensors: their keys
+    are among those the layer leaves excluded (see :data:`JVP_LAYER_EXCLUDED_KEYS`).
+    """
+    if dispatch_modes_active() or torch.jit.is_tracing():
+        return False
+    return not any(isinstance(t, torch.Tensor) and (t.is_nested or _named(t)) for t in tensors)
+
+
+def _named(tensor: torch.Tensor) -> bool:
+    names = getattr(tensor, "names", ())  # named tensors are gone from recent releases
+    return any(name is not None for name in names)
+
+
+@contextlib.contextmanager
+def below_jvp_layer() -> Iterator[None]:
+    """Run operators below the innermost ``torch.func.jvp`` layer, as that layer sends them on.
+
+    Inside a layer every operator on its wrapped tensors passes the layer (an
+    autograd kernel, unwrapping, re-wrapping). Code that computes the tangents
+    the layer attaches (the attention JVP) runs on the unwrapped tensors
+    (:func:`unwrap_jvp`) here: the layer is popped as functorch's own
+    ``autograd.Function`` support does, and the dispatch keys the layer
+    excluded are given back (what the layer does when it hands an operator to
+    the next one down). Layers further down see every operator.
+    """
+    from torch._functorch.pyfunctorch import retrieve_current_functorch_interpreter
+
+    with retrieve_current_functorch_interpreter().lower():
+        include = torch._C._dispatch_tls_local_include_set()
+        exclude = torch._C._dispatch_tls_local_exclude_set()
+        for key in JVP_LAYER_EXCLUDED_KEYS:
+            exclude = exclude.remove(getattr(torch._C.DispatchKey, key))
+        with torch._C._ForceDispatchKeyGuard(include, exclude):
+            yield
+
+
 def without_dispatch_modes() -> Any:
     """Run with every active ``TorchDispatchMode`` (fake and proxy tracing modes included) set aside."""
     from torch.utils._python_dispatch import _disable_current_modes

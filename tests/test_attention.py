@@ -570,3 +570,59 @@ def test_sdpa_user_level_with_block_skipping(enabled):
     close(tangent, want)
     _, want_hvp = jvp(torch.func.grad(lambda x: (reference(x, k, v, is_causal=True)[0] ** 2).sum()), (q,), (u,))
     close(hvp, want_hvp, 1e-9)
+
+
+def _sdpa_and_reference():
+    torch.manual_seed(1)
+    q, k, v = randn(1, 2, 9, 8), randn(1, 2, 7, 8), randn(1, 2, 7, 8)
+
+    def ours(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v)
+
+    def want(q, k, v):
+        return reference(q, k, v)[0]
+
+    return (q, k, v), ours, want
+
+
+def test_func_jvp_runs_below_its_layer_under_every_stack(enabled):
+    """Under ``torch.func.jvp`` the JVP runs on the tensors the layer's wrappers hold (below the
+    layer): the same tangents with ``vmap`` / ``jacfwd`` under it, a ``jvp`` around it, a ``vmap``
+    around it, and ``grad`` / ``jacrev`` around it (reverse over forward)."""
+    primals, ours, want = _sdpa_and_reference()
+    u = tuple(torch.randn_like(x) for x in primals)
+    w = tuple(torch.randn_like(x) for x in primals)
+    with block_sizes(query=4, key=3):
+        transforms = {
+            "jvp": lambda f: jvp(f, primals, u)[1],
+            "jacfwd": lambda f: torch.func.jacfwd(lambda q: f(q, *primals[1:]))(primals[0]),
+            "jvp of jvp": lambda f: jvp(lambda *p: jvp(f, p, u)[1], primals, w)[1],
+            "vmap of jvp": lambda f: torch.func.vmap(lambda t: jvp(lambda q: f(q, *primals[1:]), primals[:1], (t,))[1])(
+                torch.stack([u[0], w[0]])
+            ),
+            "grad of jvp": lambda f: torch.func.grad(lambda *p: (jvp(f, p, u)[1] ** 2).sum(), argnums=(0, 1, 2))(
+                *primals
+            ),
+            "jacrev of jvp": lambda f: torch.func.jacrev(lambda q: jvp(f, (q, *primals[1:]), u)[1].sum(-1))(primals[0]),
+        }
+        for name, transform in transforms.items():
+            got, expected = transform(ours), transform(want)
+            got, expected = (x if isinstance(x, tuple) else (x,) for x in (got, expected))
+            for a, b in zip(got, expected, strict=True):
+                assert a.shape == b.shape and torch.allclose(a, b, rtol=0, atol=1e-9), name
+
+
+def test_func_jvp_then_backward_keeps_the_recomputing_backward(enabled):
+    """Consistency training with ``torch.func.jvp``: a loss of the JVP, backpropagated outside the
+    transform, goes through the O(N·d) recomputing backward (below the jvp layer nothing records
+    the blocks) and gives the math backend's gradients."""
+    primals, ours, want = _sdpa_and_reference()
+    tangents = tuple(torch.randn_like(x) for x in primals)
+    leaves = [x.clone().requires_grad_() for x in (*primals, *tangents)]
+    with block_sizes(query=4, key=3):
+        out, tangent = jvp(ours, tuple(leaves[:3]), tuple(leaves[3:]))
+    assert _recorded(tangent.grad_fn, "BlockwiseAttentionJVPBackward")
+    got = torch.autograd.grad((out * 2 + tangent**2).sum(), leaves)
+    out, tangent = jvp(want, tuple(leaves[:3]), tuple(leaves[3:]))
+    for a, b in zip(got, torch.autograd.grad((out * 2 + tangent**2).sum(), leaves)):
+        close(a, b, 1e-9)

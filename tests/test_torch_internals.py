@@ -347,3 +347,71 @@ def test_make_dual_matches_forward_ad():
         dual = _torch.make_dual(x, t)
         primal, tangent = forward_ad.unpack_dual(dual)
         assert torch.equal(primal, x) and torch.equal(tangent, t)
+
+
+def _key_names(keyset: torch._C.DispatchKeySet) -> set[str]:
+    text = str(keyset)  # "DispatchKeySet(A, B, ...)"
+    inner = text[text.index("(") + 1 : text.rindex(")")]
+    return {name.strip() for name in inner.split(",") if name.strip()}
+
+
+#: Keys functorch's jvp layer excludes that Python cannot name (``_torch.JVP_LAYER_EXCLUDED_KEYS``).
+_UNNAMED = {"Tracer", "BatchedNestedTensor", "Batched", "VmapMode", "DeferredInit", "Named"}  # Named: torch 2.11
+
+
+def test_below_jvp_layer_undoes_what_the_layer_excluded():
+    """Probe an autograd kernel under ``torch.func.jvp``: what the jvp layer adds to the excluded
+    keys is ``JVP_LAYER_EXCLUDED_KEYS`` plus keys Python cannot name; below the layer (popped) the
+    named ones are back and operators run on the unwrapped tensors, whose results wrap back."""
+    op = aten.atan2.default
+    kernel = _torch.original_kernel(op, "AutogradCPU")
+    seen: dict = {}
+
+    def probe(keyset, x, y):
+        level = _torch.innermost_jvp_level()
+        seen.setdefault("levels", []).append(level)
+        if level is not None:  # (the layer hands the call on: it comes back here without one)
+            seen["layer"] = _key_names(torch._C._dispatch_tls_local_exclude_set())
+            inner = _torch.unwrap_jvp(x, level)
+            seen["unwrapped"] = not torch._C._functorch.is_functorch_wrapped_tensor(inner)
+            with _torch.below_jvp_layer():
+                seen["below"] = _key_names(torch._C._dispatch_tls_local_exclude_set())
+                seen["stack"] = torch._C._functorch.peek_interpreter_stack()
+                value = inner * 3
+            wrapped = _torch.wrap_jvp(value, level)
+            seen["wrapped"] = torch._C._functorch.maybe_get_level(wrapped) == level
+        return kernel.call_boxed(keyset, x, y)
+
+    caller = _key_names(torch._C._dispatch_tls_local_exclude_set())
+    x, y = torch.randn(3), torch.randn(3)
+    lib = _torch.new_library("aten")
+    try:
+        lib.impl("atan2", probe, "AutogradCPU", with_keyset=True)
+        _, tangent = torch.func.jvp(lambda x: op(x, y), (x,), (torch.ones(3),))
+        assert seen["levels"] == [1, None] and seen["unwrapped"] and seen["wrapped"] and seen["stack"] is None
+        added = seen["layer"] - caller
+        named = set(_torch.JVP_LAYER_EXCLUDED_KEYS)
+        assert named <= added and added - named <= _UNNAMED, (added, named)
+        assert seen["below"] == caller | (added & _UNNAMED)
+        torch.testing.assert_close(tangent, y / (x * x + y * y))  # the op's own formula still ran
+        seen.clear()
+        op(x, y)
+        assert seen["levels"] == [None]
+    finally:
+        _torch.destroy_library(lib)
+
+
+def test_may_run_below_jvp_layer():
+    assert _torch.may_run_below_jvp_layer((torch.ones(2), None))
+    nested = torch.nested.nested_tensor([torch.ones(2), torch.ones(3)], layout=torch.jagged)
+    assert not _torch.may_run_below_jvp_layer((nested,))
+    if hasattr(torch.ones(()), "names"):  # named tensors (gone from recent releases)
+        assert not _torch.may_run_below_jvp_layer((torch.ones(2, names=("n",)),))
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Mode(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Mode():
+        assert not _torch.may_run_below_jvp_layer((torch.ones(2),))
