@@ -27,7 +27,7 @@ import contextlib
 import threading
 from typing import Iterator
 
-from fwdecomp import autograd, custom_ops, jvp_rules, registry
+from fwdecomp import autograd, custom_ops, jvp_rules, registry, zero_tensors
 from fwdecomp._torch import OpOverload, qualified_name, schema_of
 from fwdecomp.formulas import native_forward_formula
 
@@ -146,11 +146,13 @@ def enable(strict: bool = True) -> None:
         _strict = bool(strict)
         try:
             _sync_all()
+            zero_tensors.install()
             _watcher.start()
         except BaseException:
             _strict = previous
             if not _enabled:
                 _watcher.stop()
+                zero_tensors.uninstall()
                 autograd.uninstall_all()
             raise
         _enabled = True
@@ -161,6 +163,7 @@ def disable() -> None:
     global _enabled
     with _lock:
         _watcher.stop()
+        zero_tensors.uninstall()
         autograd.uninstall_all()
         _enabled = False
 
