@@ -39,7 +39,7 @@ from torch.autograd import forward_ad
 import fwdecomp
 from benchmarks._common import Variant, format_seconds, markdown_table, measure
 from benchmarks.sizes import SIZE_NAMES, benchmark_sample
-from fwdecomp import _torch, autograd
+from fwdecomp import _torch, autograd, zero_tensors
 from fwdecomp.checks import differentiable_positions, sample_function
 from fwdecomp.interface import get_impl
 
@@ -79,6 +79,7 @@ def _variants(op: Any, sample: Any) -> dict[str, Variant]:
     def routed(on: bool, zero_tangents: bool = True):
         def setup() -> None:
             (autograd.install if on else autograd.uninstall)(op)
+            (zero_tensors.install if on else zero_tensors.uninstall)()  # what enable() adds
             backend.zero_tangent_max_numel = None if zero_tangents else 0
 
         return setup
