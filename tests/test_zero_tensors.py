@@ -140,3 +140,17 @@ def test_enable_installs_and_disable_restores():
         assert _torch.dispatch_dump("aten::mul.Tensor") != before
     assert not zero_tensors.is_installed()
     assert _torch.dispatch_dump("aten::mul.Tensor") == before
+
+
+def test_decomposition_tangent_keeps_its_dtype_under_func_jvp(enabled):
+    """PyTorch's func.jvp of ``x * 2.0`` for a 0-d float32 ``x`` gives a float64 tangent; the eager
+    backend hands out tangents in their outputs' dtype (the decomposition multiplies by ``scale``)."""
+    from fwdecomp import tangent_rules
+
+    op = aten.native_dropout_backward.default
+    x, t = torch.randn(()), torch.randn(())
+    assert torch.func.jvp(lambda a: a * 2.0, (x,), (t,))[1].dtype == torch.float64  # PyTorch's own
+    with tangent_rules.disabled():
+        _, tangent = torch.func.jvp(lambda a: op(a, torch.tensor(True), 2.0), (x,), (t,))
+    assert tangent.dtype == torch.float32
+    torch.testing.assert_close(tangent, 2 * t)

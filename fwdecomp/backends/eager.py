@@ -29,10 +29,9 @@ from typing import Any
 
 import torch
 from torch.autograd import forward_ad
-from torch.overrides import TorchFunctionMode
 
 from fwdecomp import jvp_rules, registry, tangent_rules
-from fwdecomp._torch import OpOverload, dual_level_active, qualified_name, schema_of, tangent_of
+from fwdecomp._torch import OpOverload, dual_level_active, make_dual, qualified_name, schema_of, tangent_of, unpack_dual
 from fwdecomp.contract import DecompositionError, check_results, describe_function
 from fwdecomp.interface import DecompositionInterface, Registerer
 from fwdecomp.stack import results_to_stack, stack_to_arguments
@@ -40,7 +39,6 @@ from fwdecomp.stack import results_to_stack, stack_to_arguments
 __all__ = [
     "ZERO_TANGENT_MAX_NUMEL",
     "EagerBackend",
-    "ScalarOverloads",
     "run_registered",
     "run_tangent_rule",
     "with_zero_tangents",
@@ -48,13 +46,12 @@ __all__ = [
 
 #: In a call whose tensors hold at most this many elements together, tangent-less
 #: floating-point inputs get a materialised zero tangent before the decomposition
-#: runs. PyTorch (2.13) differentiates ``dual * plain`` through a ZeroTensor path
-#: written in Python: ~0.1-0.4 ms per operation whatever the size, against ~5 us
-#: for ``dual * dual``. Past the threshold, arithmetic on materialised zeros costs
-#: more than that. While a decomposition runs, ``tensor * number`` (and ``/``,
-#: ``+``, ``-``) also go to the ``.Scalar`` overloads (:class:`ScalarOverloads`).
+#: runs. Forward AD of ``dual * plain`` goes through PyTorch's ZeroTensor kernels
+#: (~45 us per operation with fwdecomp's, :mod:`fwdecomp.zero_tensors`; 130-300 us
+#: with PyTorch's own), against ~5 us for ``dual * dual``. Past the threshold,
+#: arithmetic on materialised zeros costs more than that.
 #: ``EagerBackend.zero_tangent_max_numel`` overrides it per backend (0 switches
-#: both off); a decomposition that handles tangents explicitly (attention) opts
+#: it off); a decomposition that handles tangents explicitly (attention) opts
 #: out by setting ``fn.fwdecomp_zero_tangents = False``.
 ZERO_TANGENT_MAX_NUMEL = 1 << 13
 
@@ -101,60 +98,6 @@ def with_zero_tangents(args: tuple[Any, ...], kwargs: dict[str, Any], limit: int
     return tuple(convert(a) for a in args), {k: convert(v) for k, v in kwargs.items()}
 
 
-_aten = torch.ops.aten
-#: ``tensor OP number`` -> the operator's ``.Scalar`` overload (``number OP tensor`` for ``rsub``).
-_SCALAR_OVERLOADS: dict[Any, Any] = {
-    torch.mul: _aten.mul.Scalar,
-    torch.Tensor.mul: _aten.mul.Scalar,
-    torch.Tensor.__mul__: _aten.mul.Scalar,
-    torch.Tensor.__rmul__: _aten.mul.Scalar,
-    torch.div: _aten.div.Scalar,
-    torch.Tensor.div: _aten.div.Scalar,
-    torch.Tensor.__truediv__: _aten.div.Scalar,
-    torch.add: _aten.add.Scalar,
-    torch.Tensor.add: _aten.add.Scalar,
-    torch.Tensor.__add__: _aten.add.Scalar,
-    torch.Tensor.__radd__: _aten.add.Scalar,
-    torch.sub: _aten.sub.Scalar,
-    torch.Tensor.sub: _aten.sub.Scalar,
-    torch.Tensor.__sub__: _aten.sub.Scalar,
-    torch.Tensor.__rsub__: _aten.rsub.Scalar,
-}
-
-
-class ScalarOverloads(TorchFunctionMode):
-    """Route ``tensor * 2.0`` (and ``/``, ``+``, ``-``) to the ``.Scalar`` overloads while a decomposition runs.
-
-    ``dual * 2.0`` dispatches ``mul.Tensor`` with the number wrapped as a
-    tangent-less tensor, and PyTorch (2.13) differentiates that through its
-    ZeroTensor path, written in Python: ~400 us per operation on small tensors.
-    ``mul.Scalar`` has its own formula (``self_t * other``): ~6 us, same values,
-    same type promotion.
-
-    Example:
-        >>> import torch
-        >>> from fwdecomp.backends.eager import ScalarOverloads
-        >>> with ScalarOverloads():
-        ...     y = torch.ones(2) * 2.0 - 1
-        >>> y
-        tensor([1., 1.])
-    """
-
-    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
-        overload = _SCALAR_OVERLOADS.get(func)
-        if (
-            overload is not None
-            and not kwargs
-            and len(args) == 2
-            and isinstance(args[0], torch.Tensor)
-            and type(args[1]) in (int, float)
-            and (args[0].is_floating_point() or args[0].is_complex())
-        ):
-            return overload(args[0], args[1])
-        return func(*args, **kwargs)
-
-
 def run_registered(op: OpOverload, stack: list[Any], zero_tangent_max_numel: int | None = None) -> None:
     """Call ``op``'s registered decomposition on a boxed stack, checking what it returns."""
     entry = registry.lookup(op) or registry.lookup_schema(schema_of(op))
@@ -170,11 +113,7 @@ def run_registered(op: OpOverload, stack: list[Any], zero_tangent_max_numel: int
         limit = 0
     call_args, call_kwargs = with_zero_tangents(args, kwargs, _small_call_limit(args, kwargs, limit))
     try:
-        if limit > 0 and not explicit:
-            with ScalarOverloads():
-                results = entry.fn(*call_args, **call_kwargs)
-        else:
-            results = entry.fn(*call_args, **call_kwargs)
+        results = entry.fn(*call_args, **call_kwargs)
     except Exception as error:
         raise DecompositionError(
             f"fwdecomp: the decomposition of {qualified_name(op)} "
@@ -188,7 +127,24 @@ def run_registered(op: OpOverload, stack: list[Any], zero_tangent_max_numel: int
             f"({describe_function(entry.fn)}) returned the wrong number of results: {error}"
         ) from error
     check_results(op, args, kwargs, outputs)
-    stack[:] = outputs
+    stack[:] = [_tangent_in_own_dtype(value) for value in outputs]
+
+
+def _tangent_in_own_dtype(value: Any) -> Any:
+    """``value`` with its tangent in its own dtype.
+
+    Under ``torch.func.jvp``, PyTorch (2.11, 2.13) computes ``x * 2.0`` for a 0-d
+    float32 ``x`` with a float64 tangent: the number's zero tangent is a float64
+    tensor no longer marked as a wrapped number, so it wins the type promotion
+    (``torch.func.jvp(lambda a: a * 2.0, (x,), (t,))`` shows it without fwdecomp).
+    A forward-mode tangent has its primal's dtype.
+    """
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+        return value
+    primal, tangent = unpack_dual(value)
+    if tangent is None or tangent.dtype == primal.dtype:
+        return value
+    return make_dual(primal, tangent.to(primal.dtype))
 
 
 class EagerBackend(DecompositionInterface):
