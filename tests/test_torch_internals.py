@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.autograd import forward_ad
 
@@ -401,6 +402,7 @@ def test_below_jvp_layer_undoes_what_the_layer_excluded():
         _torch.destroy_library(lib)
 
 
+@pytest.mark.filterwarnings("ignore:Named tensors")
 def test_may_run_below_jvp_layer():
     assert _torch.may_run_below_jvp_layer((torch.ones(2), None))
     nested = torch.nested.nested_tensor([torch.ones(2), torch.ones(3)], layout=torch.jagged)
