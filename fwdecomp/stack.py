@@ -84,7 +84,8 @@ def layout(schema: torch.FunctionSchema) -> Layout:
 
 def arguments_to_stack(schema: torch.FunctionSchema, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
     """Order ``args``/``kwargs`` as the schema's arguments, filling in defaults."""
-    names, defaults = layout(schema)[:2]
+    shape = layout(schema)
+    names, defaults = shape.names, shape.defaults
     if len(args) > len(names):
         raise TypeError(f"{_qualname(schema)} takes {len(names)} arguments but {len(args)} were given")
     stack = list(args)
@@ -105,8 +106,8 @@ def arguments_to_stack(schema: torch.FunctionSchema, args: tuple[Any, ...], kwar
 
 def stack_to_arguments(schema: torch.FunctionSchema, stack: list[Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """Split a stack of arguments into positional arguments and keyword-only arguments."""
-    _, _, positional, kwarg_only, *_ = layout(schema)
-    return tuple(stack[:positional]), dict(zip(kwarg_only, stack[positional:]))
+    shape = layout(schema)
+    return tuple(stack[: shape.positional]), dict(zip(shape.kwarg_only, stack[shape.positional :]))
 
 
 def results_to_stack(schema: torch.FunctionSchema, results: Any) -> list[Any]:

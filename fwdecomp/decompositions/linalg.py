@@ -125,7 +125,7 @@ def _strictly_lower(rows: int, cols: int, device: torch.device) -> torch.Tensor:
 
 
 def _compact_wy(
-    reflectors: torch.Tensor, tau: torch.Tensor
+    reflectors: torch.Tensor, tau: torch.Tensor, below: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(V, T, U, G)`` with ``H_1 ... H_k = I - V T V^H`` (the compact WY form LAPACK's ``larft`` builds).
 
@@ -133,11 +133,14 @@ def _compact_wy(
     with ``T^-1 = diag(1 / tau) + striu(V^H V)``, computed as ``U^-1 diag(tau)`` with
     ``U = I + diag(tau) G``, ``G = striu(V^H V)``, so that ``tau_i = 0`` (an identity reflector)
     needs no division. Matrix products and a triangular solve, all with forward formulas:
-    O(rows k^2), not one pass per reflector.
+    O(rows k^2), not one pass per reflector. ``below``: the ``rows x k`` strictly-lower mask,
+    if the caller has it.
     """
     rows, count = reflectors.shape[-2], tau.shape[-1]
     eye = torch.eye(rows, count, dtype=reflectors.dtype, device=reflectors.device)
-    v = torch.where(_strictly_lower(rows, count, reflectors.device), reflectors[..., :, :count], eye)
+    if below is None:
+        below = _strictly_lower(rows, count, reflectors.device)
+    v = torch.where(below, reflectors[..., :, :count], eye)
     gram = (_adjoint(v) @ v).triu(1)
     unit_upper = torch.eye(count, dtype=v.dtype, device=v.device) + tau.unsqueeze(-1) * gram
     t = torch.linalg.solve_triangular(unit_upper, torch.diag_embed(tau), upper=True, unitriangular=True)
@@ -157,12 +160,10 @@ def _ormqr_rule(primals: list, tangents: list):
         return out, d_other
     if d_reflectors is None and d_tau is None and d_other is None:
         return out, None
-    v, t, unit_upper, gram = _compact_wy(reflectors, tau)
     count = tau.shape[-1]
-    if d_reflectors is None:
-        dv = None
-    else:
-        dv = torch.where(_strictly_lower(v.shape[-2], count, v.device), d_reflectors[..., :, :count], 0)
+    below = _strictly_lower(reflectors.shape[-2], count, reflectors.device)  # V's pattern, and dV's
+    v, t, unit_upper, gram = _compact_wy(reflectors, tau, below)
+    dv = None if d_reflectors is None else torch.where(below, d_reflectors[..., :, :count], 0)
     dt = None
     if dv is not None or d_tau is not None:
         d_unit = None
