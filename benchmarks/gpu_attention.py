@@ -15,7 +15,11 @@ log-sum-exp conventions), (b) its output and log-sum-exp tangents under
 ``torch.func.jvp`` against the math backend's JVP in float64. Part 2,
 ``F.scaled_dot_product_attention`` at seq 1024..16384: time (CUDA-synchronised
 medians) and peak memory above the inputs (``torch.cuda.max_memory_allocated``)
-for the fused primal, fwdecomp's JVP and the math backend's JVP.
+for the fused primal, fwdecomp's JVP and the math backend's JVP. Part 3, reverse
+mode through the JVP (what consistency training does: a loss of the output and
+its tangent, backpropagated to the primals and tangents): gradients under
+``torch.func.jvp`` and ``forward_ad`` against the math backend's in float64, and
+time and peak memory of JVP + backward at a few lengths.
 
 Only APIs of torch 2.9 are used (the supported minimum), so it also runs on 2.11.
 """
@@ -35,6 +39,7 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+from torch.autograd import forward_ad
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -204,31 +209,40 @@ def timing(seq: int, dtype: torch.dtype, heads: int, dim: int, repeats: int, dev
     return records
 
 
+def _table(rows: list[dict[str, Any]], first: tuple[str, ...]) -> list[str]:
+    keys = [k for k in rows[0] if k not in first]
+    keys += sorted({k for r in rows for k in r} - set(keys) - set(first))
+    lines = ["| " + " | ".join((*first, *keys)) + " |", "|" + " --- |" * (len(first) + len(keys))]
+    for r in rows:
+        cells = [r.get(k, "") for k in (*first, *keys)]
+        lines.append("| " + " | ".join(f"{v:.1e}" if isinstance(v, float) else str(v) for v in cells) + " |")
+    return [*lines, ""]
+
+
 def render(checks: list[dict[str, Any]], times: list[dict[str, Any]], device_name: str) -> str:
     lines = [f"GPU: {device_name}, torch {torch.__version__}", ""]
-    if checks:
-        keys = [k for k in checks[0] if k not in ("operator", "dtype", "causal")]
-        keys += sorted({k for c in checks for k in c} - set(keys) - {"operator", "dtype", "causal"})
-        lines.append("| operator | dtype | " + " | ".join(keys) + " |")
-        lines.append("| --- | --- | " + " | ".join("---" for _ in keys) + " |")
-        for c in checks:
-            cells = [c.get(k, "") for k in keys]
-            cells = [f"{v:.1e}" if isinstance(v, float) else str(v) for v in cells]
-            lines.append(f"| `{c['operator']}` | {c['dtype']} | " + " | ".join(cells) + " |")
-        lines.append("")
-    if times:
-        methods = ["primal", "fwdecomp JVP", "math JVP"]
+    operators = [c for c in checks if "operator" in c]
+    gradients = [c for c in checks if "operator" not in c]
+    if operators:
+        lines += _table(operators, ("operator", "dtype", "causal"))
+    if gradients:
+        lines += _table(gradients, ("check", "route", "dtype", "causal"))
+    for methods in (("primal", "fwdecomp JVP", "math JVP"), ("fwdecomp JVP + grad", "math JVP + grad")):
+        rows = [t for t in times if t["method"] in methods]
+        if not rows:
+            continue
         lines.append("| seq | " + " | ".join(methods) + " |")
         lines.append("| --- | " + " | ".join("---" for _ in methods) + " |")
-        for seq in sorted({t["seq"] for t in times}):
+        for seq in sorted({t["seq"] for t in rows}):
             cells = []
             for m in methods:
-                t = next((t for t in times if t["seq"] == seq and t["method"] == m), None)
+                t = next((t for t in rows if t["seq"] == seq and t["method"] == m), None)
                 if t is None or "error" in t:
                     cells.append("n/a" if t is None else t["error"][:40])
                 else:
                     cells.append(f"{t['seconds'] * 1e3:.2f} ms; {t['peak_extra_bytes'] / 2**20:.0f} MB")
             lines.append(f"| {seq} | " + " | ".join(cells) + " |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -241,6 +255,79 @@ def _write(out: str, device_name: str, checks: list[dict[str, Any]], times: list
         handle.write(render(checks, times, device_name) + "\n")
 
 
+def _loss(out: torch.Tensor, tangent: torch.Tensor) -> torch.Tensor:
+    return (out.float() * 2 + tangent.float() ** 2).sum()
+
+
+def _jvp_then_grad(route: str, primals, tangents, causal: bool):
+    """Gradients of ``_loss`` over the JVP of ``F.scaled_dot_product_attention`` w.r.t. primals and tangents."""
+    leaves = [x.detach().clone().requires_grad_() for x in (*primals, *tangents)]
+    if route == "func.jvp":
+        out, tangent = torch.func.jvp(
+            lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal),
+            tuple(leaves[:3]),
+            tuple(leaves[3:]),
+        )
+    else:
+        with forward_ad.dual_level():
+            duals = [forward_ad.make_dual(p, t) for p, t in zip(leaves[:3], leaves[3:])]
+            out, tangent = forward_ad.unpack_dual(F.scaled_dot_product_attention(*duals, is_causal=causal))
+    return torch.autograd.grad(_loss(out, tangent), leaves)
+
+
+def check_gradients(
+    route: str, dtype: torch.dtype, causal: bool, seq: int = 256, device: str = "cuda"
+) -> dict[str, Any]:
+    """Largest relative error of the six gradients (primals, tangents) against the math backend in float64."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    shape = (2, 4, seq, 64)
+    primals = [torch.randn(shape, generator=gen).to(device, dtype) for _ in range(3)]
+    tangents = [torch.randn(shape, generator=gen).to(device, dtype) for _ in range(3)]
+    with sdpa_kernel(SDPBackend.MATH):
+        want = _jvp_then_grad("func.jvp", [p.double() for p in primals], [t.double() for t in tangents], causal)
+    with fwdecomp.enabled():
+        got = _jvp_then_grad(route, primals, tangents, causal)
+    errors = [_relative(g, w) for g, w in zip(got, want)]
+    return {
+        "check": "grad of JVP",
+        "route": route,
+        "dtype": str(dtype).replace("torch.", ""),
+        "causal": causal,
+        "max relative error": max(errors),
+    }
+
+
+def grad_timing(seq: int, dtype: torch.dtype, heads: int, dim: int, repeats: int) -> list[dict]:
+    """func.jvp + backward of ``F.scaled_dot_product_attention``: fwdecomp against the math backend."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    gen = torch.Generator(device="cpu").manual_seed(seq)
+    primals = [torch.randn(1, heads, seq, dim, generator=gen).to("cuda", dtype) for _ in range(3)]
+    tangents = [torch.randn(1, heads, seq, dim, generator=gen).to("cuda", dtype) for _ in range(3)]
+
+    def fwdecomp_route():
+        with fwdecomp.enabled():
+            return _jvp_then_grad("func.jvp", primals, tangents, False)
+
+    def math_route():
+        with sdpa_kernel(SDPBackend.MATH):
+            return _jvp_then_grad("func.jvp", primals, tangents, False)
+
+    records = []
+    for name, fn in (("fwdecomp JVP + grad", fwdecomp_route), ("math JVP + grad", math_route)):
+        record: dict[str, Any] = {"seq": seq, "method": name}
+        try:
+            record["peak_extra_bytes"] = _cuda_peak(fn)
+            record["seconds"] = _cuda_time(fn, repeats)
+        except Exception as error:
+            record["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:100]}"
+            torch.cuda.empty_cache()
+        records.append(record)
+    return records
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "."), help="directory for the JSON and markdown")
@@ -249,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--grad-seqs", default="1024,4096,16384", help="lengths for JVP + backward")
     parser.add_argument("--quick", action="store_true", help="seq 1024..4096, 3 repeats")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -280,6 +368,27 @@ def main(argv: list[str] | None = None) -> int:
         times += timing(seq, getattr(torch, args.dtype), args.heads, args.dim, repeats)
         _write(args.out, device_name, checks, times)
         print(f"seq {seq} done", flush=True)
+    for route in ("func.jvp", "forward_ad"):
+        for dtype in (torch.float32, torch.bfloat16):
+            for causal in (False, True):
+                try:
+                    checks.append(check_gradients(route, dtype, causal))
+                except Exception as error:
+                    checks.append(
+                        {
+                            "check": "grad of JVP",
+                            "route": route,
+                            "dtype": str(dtype).replace("torch.", ""),
+                            "causal": causal,
+                            "error": f"{type(error).__name__}: {str(error)[:120]}",
+                        }
+                    )
+                    traceback.print_exc()
+    _write(args.out, device_name, checks, times)
+    for seq in [] if args.quick else [int(s) for s in args.grad_seqs.split(",") if s]:
+        times += grad_timing(seq, getattr(torch, args.dtype), args.heads, args.dim, repeats)
+        _write(args.out, device_name, checks, times)
+        print(f"grad seq {seq} done", flush=True)
     print(render(checks, times, device_name))
     return 0
 

@@ -69,6 +69,16 @@ def test_gpu_script_checks_run_on_cpu(name):
     assert name in text and "1024" in text
 
 
+@pytest.mark.parametrize("route", ["func.jvp", "forward_ad"])
+def test_gpu_script_gradient_check_runs_on_cpu(route):
+    """Its reverse-through-the-JVP part, on CPU tensors (the CPU flash kernel's decomposition)."""
+    record = gpu_attention.check_gradients(route, torch.float32, True, seq=40, device="cpu")
+    assert record["max relative error"] < 1e-4, record
+    times = [{"seq": 64, "method": "fwdecomp JVP + grad", "seconds": 0.002, "peak_extra_bytes": 3 * 2**20}]
+    text = gpu_attention.render([record], times, "cpu")
+    assert f"| grad of JVP | {route} | float32 | True |" in text and "| 64 | 2.00 ms; 3 MB | n/a |" in text
+
+
 def test_gpu_audit_runs_one_operator_per_process_on_cpu():
     from benchmarks import gpu_audit
 

@@ -28,7 +28,7 @@ def kernels(installed: bool):
 def _plain(t: torch.Tensor) -> tuple:
     """Everything observable about a result, as plain values."""
     zero = t._is_zerotensor()
-    values = torch.zeros(t.shape, dtype=t.dtype) if zero else t.clone()
+    values = torch.zeros(t.shape, dtype=t.dtype) if zero else t.cpu()
     stride = None if zero else t.stride()
     return zero, tuple(t.shape), t.dtype, t.device, stride, values
 
@@ -38,9 +38,9 @@ def _same(a: tuple, b: tuple) -> None:
     torch.testing.assert_close(a[5], b[5], rtol=0, atol=0, equal_nan=True)
 
 
-def _operand(kind: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+def _operand(kind: str, shape: tuple, dtype: torch.dtype, device: str = "cpu") -> torch.Tensor:
     if kind == "zero":
-        return torch._efficientzerotensor(shape, dtype=dtype)
+        return torch._efficientzerotensor(shape, dtype=dtype, device=device)
     gen = torch.Generator().manual_seed(hash((shape, str(dtype))) % 1000)
     transposed = kind == "transposed" and len(shape) >= 2
     stored = (*shape[:-2], shape[-1], shape[-2]) if transposed else shape
@@ -48,9 +48,11 @@ def _operand(kind: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
         value = torch.randn(stored, dtype=torch.float64, generator=gen).to(dtype)
     else:
         value = torch.randint(-3, 4, stored, generator=gen).to(dtype)
-    return value.mT if transposed else value
+    return (value.mT if transposed else value).to(device)
 
 
+#: CPU always; CUDA where there is one (``benchmarks/gpu.sh`` runs this file on a GPU machine).
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 SHAPES = [((2, 3), (2, 3)), ((2, 3), (3,)), ((1, 3), (2, 1)), ((), (2, 2)), ((0, 3), (3,)), ((3, 3), ())]
 DTYPES = [
     (torch.float32, torch.float32),
@@ -63,8 +65,9 @@ DTYPES = [
 KINDS = [("zero", "dense"), ("dense", "zero"), ("zero", "zero"), ("zero", "transposed"), ("transposed", "zero")]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", list(zero_tensors.KERNELS))
-def test_kernels_equal_pytorchs(name):
+def test_kernels_equal_pytorchs(name, device):
     op = getattr(aten, name.split(".")[0]).Tensor
     alphas = [{}] if name in ("mul.Tensor", "div.Tensor") else [{}, {"alpha": 2}, {"alpha": -0.5}]
     checked = 0
@@ -77,7 +80,7 @@ def test_kernels_equal_pytorchs(name):
             and not (left_dtype.is_floating_point or right_dtype.is_floating_point or left_dtype.is_complex)
         ):
             continue  # a float alpha with an integral result: PyTorch refuses it either way
-        a, b = _operand(left_kind, left, left_dtype), _operand(right_kind, right, right_dtype)
+        a, b = _operand(left_kind, left, left_dtype, device), _operand(right_kind, right, right_dtype, device)
         with kernels(False):
             want = _plain(op(a, b, **kwargs))
         with kernels(True):
@@ -85,6 +88,59 @@ def test_kernels_equal_pytorchs(name):
         _same(got, want)
         checked += 1
     assert checked > 100
+
+
+def _outcome(op, a, b):
+    try:
+        return _plain(op(a, b))
+    except RuntimeError as error:
+        return ("raises", type(error))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", list(zero_tensors.KERNELS))
+def test_mixed_devices_behave_as_pytorchs(name):
+    """A CPU operand beside a CUDA one (0-d CPU tensors are allowed there): same device, or same refusal."""
+    op = getattr(aten, name.split(".")[0]).Tensor
+    checked = 0
+    for (left, right), (left_kind, right_kind), (left_device, right_device) in itertools.product(
+        [((), (2, 3)), ((2, 3), ()), ((2, 3), (2, 3))], KINDS, [("cpu", "cuda"), ("cuda", "cpu")]
+    ):
+        a = _operand(left_kind, left, torch.float32, left_device)
+        b = _operand(right_kind, right, torch.float32, right_device)
+        with kernels(False):
+            want = _outcome(op, a, b)
+        with kernels(True):
+            got = _outcome(op, a, b)
+        if want[0] == "raises" or got[0] == "raises":
+            assert got == want, (left_kind, left, left_device, right_kind, right, right_device)
+        else:
+            _same(got, want)
+        checked += 1
+    assert checked == 30
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_forward_ad_on_device_is_the_same_bits(device, dtype):
+    """Forward AD of mixed expressions with the operands on ``device`` (CUDA: through AutogradCUDA)."""
+    gen = torch.Generator().manual_seed(0)
+    primal = torch.randn(2, 3, generator=gen, dtype=dtype).to(device)
+    tangent = torch.randn(2, 3, generator=gen, dtype=dtype).to(device)
+    plain = (torch.rand(3, generator=gen, dtype=dtype) + 0.5).to(device)
+    scalar = torch.tensor(1.5, dtype=dtype)  # a CPU 0-d tensor beside device tensors
+    expressions = {**EXPRESSIONS, "d * cpu scalar": lambda d, p: d * scalar, "cpu scalar / d": lambda d, p: scalar / d}
+    expressions.pop("int / d")  # a CPU arange
+    for name, expression in expressions.items():
+        results = []
+        for installed in (False, True):
+            with kernels(installed), forward_ad.dual_level():
+                out = expression(forward_ad.make_dual(primal, tangent), plain)
+                results.append(forward_ad.unpack_dual(out))
+        (want, want_t), (got, got_t) = results
+        assert got.device == want.device and got_t.device == want_t.device, name
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True, msg=name)
+        torch.testing.assert_close(got_t, want_t, rtol=0, atol=0, equal_nan=True, msg=name)
 
 
 def test_bad_shapes_raise_both_ways():
