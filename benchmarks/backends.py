@@ -3,6 +3,8 @@
 For every registered decomposition (so new ones are included automatically)
 and two sizes, it times ``torch.func.jvp`` of the operator on one sample,
 with fwdecomp enabled, under each backend, and prints a Markdown table.
+Tangent rules are switched off (``--rules`` keeps them): where one applies it
+answers before either backend runs, so both columns would time the rule.
 
 Sizes: *small* is the operator's first sample; *realistic* comes from
 :mod:`benchmarks.sizes` (the table ``benchmarks.ops`` uses too) or, for an
@@ -28,6 +30,7 @@ calls in the traced graph.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -41,6 +44,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import fwdecomp
 from benchmarks.sizes import benchmark_sample
+from fwdecomp import tangent_rules
 from fwdecomp.backends import graph
 from fwdecomp.checks import differentiable_positions, sample_function
 from fwdecomp.registry import Sample
@@ -132,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", type=float, default=0.1, help="seconds per measurement (default 0.1)")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads on CPU (default 1)")
     parser.add_argument("--ops", default="", help="only operators whose name contains this")
+    parser.add_argument(
+        "--rules", action="store_true", help="keep tangent rules on (they answer before either backend runs)"
+    )
     args = parser.parse_args(argv)
     device = args.device
     if device.startswith("cuda"):
@@ -142,11 +149,12 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     graph.explain("aten::_pdist_forward", torch.zeros(3, 2, device=device))  # the first trace imports torch._dynamo
     warm_up = time.perf_counter() - start
-    print(f"torch {torch.__version__}, {device}, {timer}, median of {args.repeats}")
+    rules = "tangent rules on" if args.rules else "tangent rules off (the decompositions themselves)"
+    print(f"torch {torch.__version__}, {device}, {timer}, median of {args.repeats}, {rules}")
     print(f"(the first trace in a process also imports torch._dynamo for fake tensors: {warm_up:.1f} s here)\n")
     print("| operator | size | shapes | eager | graph | eager / graph | ops | first call |")
     print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
-    with fwdecomp.enabled():
+    with fwdecomp.enabled(), contextlib.nullcontext() if args.rules else tangent_rules.disabled():
         for op in fwdecomp.registry.operators():
             entry = fwdecomp.registry.lookup(op)
             if args.ops not in entry.name:

@@ -98,3 +98,16 @@ def test_realistic_sizes_are_valid_calls(name):
     sample, how = sizes.benchmark_sample(name, entry.samples, "realistic", torch.float32)
     assert how == "size table"
     entry.op(*sample.args, **sample.kwargs)  # PyTorch's own kernel: no tangents, fwdecomp off
+
+
+def test_backends_benchmark_times_the_decompositions_not_the_rules(capsys):
+    """hardsigmoid_backward has a tangent rule: with it on, neither backend would run (no graph, 0 ops)."""
+    from benchmarks import backends
+
+    assert backends.main(["--ops", "hardsigmoid_backward", "--repeats", "1", "--target", "0.001"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| `aten::hardsigmoid")]
+    assert len(rows) == 2
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert "(" not in cells[4] and int(cells[6]) > 0, row  # traced: a graph with operators
+    assert not fwdecomp.is_enabled() and fwdecomp.tangent_rules.is_enabled()
