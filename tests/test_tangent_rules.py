@@ -273,6 +273,8 @@ def test_vmap_over_primals_through_rules(enabled):
     sym = torch.randn(3, 4, 4, dtype=torch.float64, generator=gen)
     pair_grad = torch.randn(21, dtype=torch.float64, generator=gen)
     grad_out, labels = torch.randn(7, 4, dtype=torch.float64, generator=gen), torch.sign(x[0])
+    grid_out = torch.randn(2, 3, 3, 2, dtype=torch.float64, generator=gen)
+    v_grids = torch.randn(grids.shape, dtype=torch.float64, generator=gen)
     cases = [
         (torch.pdist, x, v),
         (lambda a: aten.cholesky(a), spd, sym + sym.mT),
@@ -280,6 +282,8 @@ def test_vmap_over_primals_through_rules(enabled):
         (lambda a: aten.soft_margin_loss_backward(grad_out, a, labels, 1), x, v),
         (lambda lp: aten._ctc_loss(lp, targets, [8, 7], [3, 2])[0], log_probs, torch.randn_like(log_probs)),
         (lambda g: _grid_sample(image, g), grids, torch.randn_like(grids)),
+        (lambda g: aten.grid_sampler_2d_backward(grid_out, image, g, 0, 0, False, [True, True])[0], grids, v_grids),
+        (lambda g: aten.grid_sampler_2d_backward(grid_out, image, g, 0, 1, True, [True, True])[1], grids, v_grids),
     ]
     for f, primals, tangents in cases:
         batched = torch.func.vmap(lambda p, t, f=f: torch.func.jvp(f, (p,), (t,))[1])(primals, tangents)
@@ -296,3 +300,31 @@ def test_rules_under_autocast_give_tangents_in_the_outputs_dtype(enabled):
     assert out.dtype == tangent.dtype == torch.float32
     reference = torch.func.jvp(torch.pdist, (x,), (v,))[1]
     assert (tangent - reference).abs().max() <= 0.05 * reference.abs().max()
+
+
+def test_grid_sampler_3d_backward_rule_answers_small_grids_only(enabled, rule_calls, monkeypatch):
+    """The 3-D backward rule declines above GRID_3D_BACKWARD_RULE_MAX_LOCATIONS grid locations (the
+    decomposition is as fast there); either way the tangents are the decomposition's."""
+    from fwdecomp.decompositions import sampling
+
+    op = aten.grid_sampler_3d_backward.default
+    gen = torch.Generator().manual_seed(0)
+    image = torch.randn(1, 2, 3, 4, 3, dtype=torch.float64, generator=gen)
+    grid = torch.rand(1, 2, 3, 2, 3, dtype=torch.float64, generator=gen) * 2.2 - 1.1  # 12 locations
+    grad = torch.randn(1, 2, 2, 3, 2, dtype=torch.float64, generator=gen)
+    primals = (grad, image, grid)
+    directions = tuple(torch.randn(p.shape, dtype=torch.float64, generator=gen) for p in primals)
+
+    def f(*p):
+        return op(*p, 0, 1, False, [True, True])
+
+    results = {}
+    for limit, answers in ((12, True), (11, False)):
+        monkeypatch.setattr(sampling, "GRID_3D_BACKWARD_RULE_MAX_LOCATIONS", limit)
+        before = rule_calls[(op, True)], rule_calls[(op, False)]
+        results[limit] = torch.func.jvp(f, primals, directions)[1]
+        assert (rule_calls[(op, True)] - before[0], rule_calls[(op, False)] - before[1]) == (
+            (1, 0) if answers else (0, 1)
+        )
+    for ruled, decomposed in zip(results[12], results[11]):
+        close(ruled, decomposed, 1e-12)
