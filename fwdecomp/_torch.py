@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import logging
 import os
+import threading
 from typing import Any, Iterator
 
 import torch
@@ -140,6 +142,53 @@ def make_fx(fn: Any, tracing_mode: str) -> Any:
     from torch.fx.experimental.proxy_tensor import make_fx as _make_fx
 
     return _make_fx(fn, tracing_mode=tracing_mode, _allow_non_fake_inputs=True)
+
+
+class _ThisThreadOnly(logging.Filter):
+    """Drops the records of the threads that are inside :func:`quiet_fake_tensor_log`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.quiet = threading.local()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(self.quiet, "depth", 0)
+
+
+_FAKE_TENSOR_LOGGER = "torch._subclasses.fake_tensor"
+_fake_tensor_filter = _ThisThreadOnly()
+_quiet_lock = threading.Lock()
+_quiet_threads = 0
+
+
+@contextlib.contextmanager
+def quiet_fake_tensor_log() -> Iterator[None]:
+    """Silence, in this thread, the error log fake tensors write when a kernel fails while tracing.
+
+    ``FakeTensorMode`` logs ``failed while attempting to run meta for ...`` with a traceback
+    before it raises; the graph backend catches the error and runs the decomposition eagerly
+    (an expected outcome: data-dependent code, ``_fw_primal``'s inference-mode stub), so the
+    log is noise. Other threads, and this one afterwards, log as before.
+    """
+    global _quiet_threads
+    logger = logging.getLogger(_FAKE_TENSOR_LOGGER)
+    quiet = _fake_tensor_filter.quiet
+    outermost = not getattr(quiet, "depth", 0)
+    if outermost:
+        with _quiet_lock:  # the filter is on the logger only while some thread is quiet
+            if _quiet_threads == 0:
+                logger.addFilter(_fake_tensor_filter)
+            _quiet_threads += 1
+    quiet.depth = getattr(quiet, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        quiet.depth -= 1
+        if outermost:
+            with _quiet_lock:
+                _quiet_threads -= 1
+                if _quiet_threads == 0:
+                    logger.removeFilter(_fake_tensor_filter)
 
 
 def fake_mode() -> Any:

@@ -619,3 +619,40 @@ def test_tangent_rule_runs_instead_of_a_graph(enabled):
     info = graph.cache_info()
     assert (info.graphs, info.hits) == (1, 0)
     torch.testing.assert_close(fast, traced)
+
+
+def test_a_failed_trace_logs_nothing_and_leaves_the_logger_as_it_was(enabled):
+    """Fake tensors log an error with a traceback when a kernel fails while tracing (here attention's
+    ``_fw_primal`` split, which runs eagerly): the graph backend expects such failures, so that log
+    is silenced in the tracing thread while it traces, and PyTorch's logger is given back unchanged."""
+    import logging
+
+    class Records(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__(logging.DEBUG)
+            self.messages: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.messages.append(record.getMessage())
+
+    logger = logging.getLogger("torch._subclasses.fake_tensor")  # torch's loggers do not propagate
+    filters = list(logger.filters)
+    records = Records()
+    logger.addHandler(records)
+    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+    q = torch.randn(1, 2, 3, 4)
+    fwdecomp.use_backend("graph")
+    try:
+        graph.cache_clear()
+        with forward_ad.dual_level():
+            out = op(forward_ad.make_dual(q, torch.ones_like(q)), q, q)[0]
+            assert forward_ad.unpack_dual(out).tangent is not None
+        entry = next(e for e in graph.default_backend().entries() if e.op == op)
+        assert entry.kind == "eager" and "_fw_primal" in entry.reason
+        assert records.messages == []
+        assert logger.filters == filters
+        logger.error("after tracing: logged as before")
+        assert records.messages == ["after tracing: logged as before"]
+    finally:
+        fwdecomp.use_backend("eager")
+        logger.removeHandler(records)

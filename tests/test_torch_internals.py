@@ -417,3 +417,18 @@ def test_may_run_below_jvp_layer():
 
     with Mode():
         assert not _torch.may_run_below_jvp_layer((torch.ones(2),))
+
+
+def test_fake_tensor_logger_is_the_one_quiet_fake_tensor_log_filters():
+    """quiet_fake_tensor_log filters the logger by name: the module must still log through it."""
+    import torch._subclasses.fake_tensor as fake_tensor
+
+    assert fake_tensor.log.name == _torch._FAKE_TENSOR_LOGGER
+    logger = fake_tensor.log
+    with _torch.quiet_fake_tensor_log():
+        assert _torch._fake_tensor_filter in logger.filters
+        with _torch.quiet_fake_tensor_log():  # nested: still quiet after the inner one ends
+            pass
+        assert _torch._fake_tensor_filter in logger.filters
+        assert not _torch._fake_tensor_filter.filter(logger.makeRecord(logger.name, 40, "f", 1, "m", (), None))
+    assert _torch._fake_tensor_filter not in logger.filters

@@ -703,7 +703,8 @@ class GraphBackend(DecompositionInterface):
             if traced is not None:
                 return traced
             try:
-                traced = _trace(op, stack, leaves, self.tracing_mode)
+                with _torch.quiet_fake_tensor_log():
+                    traced = _trace(op, stack, leaves, self.tracing_mode)
             except ClosureError as error:
                 self._store(key, _Traced(op, call, "refused", str(error), error=error), generation)
                 raise
@@ -871,7 +872,8 @@ def explain(op: OperatorLike, *args: Any, **kwargs: Any) -> Explanation:
     stack = arguments_to_stack(schema_of(overload), args, kwargs)
     leaves = _leaves(stack)
     try:
-        traced = _trace(overload, stack, leaves, _default.tracing_mode)
+        with _torch.quiet_fake_tensor_log():
+            traced = _trace(overload, stack, leaves, _default.tracing_mode)
     except ClosureError:
         raise
     except Exception as error:
