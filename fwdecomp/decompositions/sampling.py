@@ -504,7 +504,7 @@ def _scatter_taps(spread: torch.Tensor, plan: _Plan, input: torch.Tensor) -> tor
 
 def _contract_taps(seen: torch.Tensor, factor: torch.Tensor, plan: _Plan) -> torch.Tensor:
     """``sum over valid taps of seen * factor``: ``(N, T, L)`` with a ``(T, N, L)`` factor -> ``(N, L)``."""
-    return (seen * torch.where(plan.valid, factor, 0).permute(1, 0, 2)).sum(1)
+    return (seen * torch.where(plan.valid.permute(1, 0, 2), factor.permute(1, 0, 2), 0)).sum(1)
 
 
 #: ``grid_sampler_3d_backward``'s rule answers up to this many grid locations (all batches), the
