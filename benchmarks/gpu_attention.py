@@ -8,7 +8,7 @@ One prepared run for a machine with a GPU (torch >= 2.9 with CUDA)::
 Without CUDA it prints why and exits 0. Part 1, correctness: every fused
 operator (``_scaled_dot_product_flash_attention``, ``_scaled_dot_product_efficient_attention``,
 ``_scaled_dot_product_cudnn_attention``, ``_flash_attention_forward``,
-``_efficient_attention_forward``), in float64 / float32 / bfloat16 where the
+``_efficient_attention_forward``), in float64 / float32 / bfloat16 / float16 where the
 kernel takes the dtype: (a) its primal outputs from fwdecomp's decomposition
 against the fused kernel itself (output, log-sum-exp: checks the masking and
 log-sum-exp conventions), (b) its output and log-sum-exp tangents under
@@ -347,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     device_name = torch.cuda.get_device_name()
     checks = []
     for name in OPERATORS:
-        for dtype in (torch.float64, torch.float32, torch.bfloat16):
+        for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
             for causal in (False, True):
                 try:
                     checks.append(check_operator(name, dtype, "cuda", causal))
@@ -370,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         _write(args.out, device_name, checks, times)
         print(f"seq {seq} done", flush=True)
     for route in ("func.jvp", "forward_ad"):
-        for dtype in (torch.float32, torch.bfloat16):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
             for causal in (False, True):
                 try:
                     checks.append(check_gradients(route, dtype, causal))
