@@ -132,15 +132,7 @@ def test_forward_ad_on_device_is_the_same_bits(device, dtype):
     expressions = {**EXPRESSIONS, "d * cpu scalar": lambda d, p: d * scalar, "cpu scalar / d": lambda d, p: scalar / d}
     expressions.pop("int / d")  # a CPU arange
     for name, expression in expressions.items():
-        results = []
-        for installed in (False, True):
-            with kernels(installed), forward_ad.dual_level():
-                out = expression(forward_ad.make_dual(primal, tangent), plain)
-                results.append(forward_ad.unpack_dual(out))
-        (want, want_t), (got, got_t) = results
-        assert got.device == want.device and got_t.device == want_t.device, name
-        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True, msg=name)
-        torch.testing.assert_close(got_t, want_t, rtol=0, atol=0, equal_nan=True, msg=name)
+        _same_bits_both_ways(name, expression, primal, tangent, plain)
 
 
 def test_bad_shapes_raise_both_ways():
@@ -178,14 +170,20 @@ def test_forward_ad_tangents_are_the_same_bits(dtype):
     for name, expression in EXPRESSIONS.items():
         if dtype.is_complex and name in ("maximum", "atan2"):
             continue
-        results = []
-        for installed in (False, True):
-            with kernels(installed), forward_ad.dual_level():
-                out = expression(forward_ad.make_dual(primal, tangent), plain)
-                results.append(forward_ad.unpack_dual(out))
-        (want, want_t), (got, got_t) = results
-        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True, msg=name)
-        torch.testing.assert_close(got_t, want_t, rtol=0, atol=0, equal_nan=True, msg=name)
+        _same_bits_both_ways(name, expression, primal, tangent, plain)
+
+
+def _same_bits_both_ways(name, expression, primal, tangent, plain):
+    """``expression(dual, plain)``'s value and tangent with PyTorch's kernels and with fwdecomp's: the same bits."""
+    results = []
+    for installed in (False, True):
+        with kernels(installed), forward_ad.dual_level():
+            out = expression(forward_ad.make_dual(primal, tangent), plain)
+            results.append(forward_ad.unpack_dual(out))
+    (want, want_t), (got, got_t) = results
+    assert got.device == want.device and got_t.device == want_t.device, name
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True, msg=name)
+    torch.testing.assert_close(got_t, want_t, rtol=0, atol=0, equal_nan=True, msg=name)
 
 
 def test_enable_installs_and_disable_restores():
