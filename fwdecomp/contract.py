@@ -226,6 +226,55 @@ def _expected(op: OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
     return expected
 
 
+_accepted: OrderedDict[Any, None] = OrderedDict()  # argument signatures the meta kernel accepted
+
+
+def _strided_key_part(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return ("T", tuple(value.shape), tuple(value.stride()), value.dtype, value.device.type, value.layout)
+    if isinstance(value, (list, tuple)):
+        return tuple(_strided_key_part(v) for v in value)
+    return value
+
+
+def check_arguments(op: OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Raise what ``op``'s kernel raises for bad input, by running its meta kernel on ``args``.
+
+    For a decomposition that must refuse exactly what the kernel refuses (shapes, dtypes,
+    devices): what a meta kernel checks depends only on the arguments' metadata (shapes,
+    strides, dtypes, devices, layouts) and non-tensor values, so a signature it accepted
+    once is not checked again (a bounded cache; a refused one is checked, and raises, every
+    time).
+
+    Example:
+        >>> import torch
+        >>> from fwdecomp.contract import check_arguments
+        >>> op = torch.ops.aten.mm.default
+        >>> check_arguments(op, (torch.ones(2, 3), torch.ones(3, 4)), {})
+        >>> check_arguments(op, (torch.ones(2, 3), torch.ones(2, 4)), {})
+        Traceback (most recent call last):
+        ...
+        RuntimeError: a and b must have same reduction dim, but got [2, 3] X [2, 4].
+    """
+    try:
+        key = (op, _strided_key_part(args), _strided_key_part(tuple(sorted(kwargs.items()))))
+        hash(key)
+    except TypeError:
+        key = None
+    if key is not None:
+        with _expected_lock:
+            if key in _accepted:
+                _accepted.move_to_end(key)
+                return
+    with torch.no_grad():
+        op(*_to_meta(args), **{k: _to_meta(v) for k, v in kwargs.items()})
+    if key is not None:
+        with _expected_lock:
+            _accepted[key] = None
+            while len(_accepted) > _EXPECTED_CACHE_SIZE:
+                _accepted.popitem(last=False)
+
+
 def check_results(op: OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any], results: list[Any]) -> None:
     """Raise :class:`DecompositionError` unless ``results`` is what ``op`` would return."""
     schema = schema_of(op)

@@ -112,3 +112,25 @@ def test_operator_without_any_reverse_mode_is_checked_forward_only(enabled, scal
     else:
         with pytest.raises(GradcheckError):
             checks.gradcheck_sample(op, sample, fast_mode=True)
+
+
+def test_check_arguments_raises_like_the_kernel_and_remembers_what_passed(monkeypatch):
+    """A refused signature raises every time; an accepted one (shapes, strides, dtypes, values) is not
+    run on meta again; a different stride is a different signature."""
+    from fwdecomp import contract
+
+    runs = []
+    to_meta = contract._to_meta
+    monkeypatch.setattr(contract, "_to_meta", lambda value: runs.append(1) or to_meta(value))
+    op = torch.ops.aten.mm.default
+    bad = (torch.ones(2, 3), torch.ones(2, 4))
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="must have same reduction dim"):
+            contract.check_arguments(op, bad, {})
+    good = (torch.ones(5, 3), torch.ones(3, 4))
+    contract.check_arguments(op, good, {})
+    counted = len(runs)
+    contract.check_arguments(op, (torch.zeros(5, 3), torch.zeros(3, 4)), {})  # same signature, other values
+    assert len(runs) == counted
+    contract.check_arguments(op, (torch.ones(3, 5).t(), torch.ones(3, 4)), {})  # transposed: another stride
+    assert len(runs) > counted

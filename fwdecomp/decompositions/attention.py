@@ -51,7 +51,7 @@ from torch.autograd import forward_ad
 from fwdecomp import _torch
 from fwdecomp._torch import dual_level_active, has_kernel_for_key
 from fwdecomp.attention import attention_jvp, blocks, kernel
-from fwdecomp.contract import meta_agrees, meta_shapes_unreliable
+from fwdecomp.contract import check_arguments, meta_agrees, meta_shapes_unreliable
 from fwdecomp.decompositions import builtin
 from fwdecomp.registry import Sample
 
@@ -95,16 +95,10 @@ def _attach(primal: torch.Tensor, tangent: torch.Tensor | None) -> torch.Tensor:
     return forward_ad.make_dual(primal, tangent)
 
 
-def _as_meta(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return torch.empty_strided(tuple(value.shape), tuple(value.stride()), dtype=value.dtype, device="meta")
-    return value
-
-
 def _check_like_kernel(op: torch._ops.OpOverload, *args: Any, **kwargs: Any) -> None:
-    """Raise what PyTorch raises for bad input, by running the operator's meta kernel (shape checks)."""
-    with torch.no_grad():
-        op(*(_as_meta(a) for a in args), **{k: _as_meta(v) for k, v in kwargs.items()})
+    """Raise what PyTorch raises for bad input, by running the operator's meta kernel (shape checks;
+    once per argument signature that passes)."""
+    check_arguments(op, args, kwargs)
 
 
 def _jvp(
