@@ -328,3 +328,22 @@ def test_grid_sampler_3d_backward_rule_answers_small_grids_only(enabled, rule_ca
         )
     for ruled, decomposed in zip(results[12], results[11]):
         close(ruled, decomposed, 1e-12)
+
+
+def test_grid_backward_kernel_asks_for_both_gradients_where_vmap_refuses_one():
+    """torch 2.11's vmap batch rule of the grid-sampler backward fails on a left-out grad_input: the rule
+    then asks for both (on torch 2.11 the jacfwd checks of tests/test_decompositions.py take this path)."""
+    from fwdecomp.decompositions import sampling
+
+    asked = []
+
+    def kernel(*args):
+        asked.append(args[-1])
+        if args[-1] == [False, True]:
+            raise RuntimeError("Expected a proper Tensor but got None")
+        return "grad_input", "grad_grid"
+
+    assert sampling._backward_kernel(kernel, 1, 2, input_mask=False) == ("grad_input", "grad_grid")
+    assert asked == [[False, True], [True, True]]
+    with pytest.raises(RuntimeError):  # a refusal with both asked for is the caller's error
+        sampling._backward_kernel(lambda *args: (_ for _ in ()).throw(RuntimeError("bad")), 1, input_mask=True)

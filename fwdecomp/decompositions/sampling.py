@@ -507,6 +507,17 @@ def _contract_taps(seen: torch.Tensor, factor: torch.Tensor, plan: _Plan) -> tor
     return (seen * torch.where(plan.valid.permute(1, 0, 2), factor.permute(1, 0, 2), 0)).sum(1)
 
 
+def _backward_kernel(op: OpOverload, *args: object, input_mask: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The backward kernel with ``output_mask = [input_mask, True]``; under torch 2.11's ``vmap`` its batch
+    rule fails on a left-out ``grad_input`` ("Expected a proper Tensor but got None"): then both are asked for."""
+    try:
+        return op(*args, [input_mask, True])
+    except RuntimeError:
+        if input_mask:
+            raise
+        return op(*args, [True, True])
+
+
 #: ``grid_sampler_3d_backward``'s rule answers up to this many grid locations (all batches), the
 #: decomposition above: its three calls of the 3-D backward kernel (~1 ms each at 2x4x16^3) cost more
 #: than the decomposition's vectorised taps on large grids. JVP time rule / decomposition measured on
@@ -550,11 +561,15 @@ def _grid_backward_rule(op: OpOverload, dims: int) -> TangentRule:
         wanted = bool(mask[0])
         d_grad_input, d_grad_grid = [], []
         if d_output is not None:
-            first, second = op(d_output.to(work), input, grid, mode, padding, align, [wanted, mode == BILINEAR])
-            d_grad_input.append(first)
+            first, second = _backward_kernel(
+                op, d_output.to(work), input, grid, mode, padding, align, input_mask=wanted
+            )
+            d_grad_input.append(first if wanted else None)
             d_grad_grid.append(second if mode == BILINEAR else None)
         if d_input is not None:
-            d_grad_grid.append(op(grad_output, d_input.to(work), grid, mode, padding, align, [False, True])[1])
+            d_grad_grid.append(
+                _backward_kernel(op, grad_output, d_input.to(work), grid, mode, padding, align, input_mask=False)[1]
+            )
         if d_grid is not None:
             plan = _plan(input, grid, mode, padding, align, curvatures=True)
             batch, channels = input.shape[:2]
