@@ -199,13 +199,19 @@ def _describe(value: Any) -> Any:
     return None
 
 
-def _expected(op: OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any] | None:
-    """Shapes and dtypes the native kernel would return, from a run on ``meta``."""
+def _call_key(op: OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any], part: Any) -> Any:
+    """A cache key for a call (``part`` describes each argument), or ``None`` if it is not hashable."""
     try:
-        key = (op, _key_part(args), _key_part(tuple(sorted(kwargs.items()))))
+        key = (op, part(args), part(tuple(sorted(kwargs.items()))))
         hash(key)
     except TypeError:
-        key = None
+        return None
+    return key
+
+
+def _expected(op: OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any] | None:
+    """Shapes and dtypes the native kernel would return, from a run on ``meta``."""
+    key = _call_key(op, args, kwargs, _key_part)
     if key is not None:
         with _expected_lock:
             if key in _expected_cache:
@@ -256,11 +262,7 @@ def check_arguments(op: OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any
         ...
         RuntimeError: a and b must have same reduction dim, but got [2, 3] X [2, 4].
     """
-    try:
-        key = (op, _strided_key_part(args), _strided_key_part(tuple(sorted(kwargs.items()))))
-        hash(key)
-    except TypeError:
-        key = None
+    key = _call_key(op, args, kwargs, _strided_key_part)
     if key is not None:
         with _expected_lock:
             if key in _accepted:
