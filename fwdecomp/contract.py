@@ -163,21 +163,45 @@ def meta_agrees(op: OpOverload, *args: Any, **kwargs: Any) -> bool:
     """
     with torch.no_grad():
         eager = op(*args, **kwargs)
-        meta = op(*_to_meta(args), **{k: _to_meta(v) for k, v in kwargs.items()})
+    meta = _on_meta(op, args, kwargs)
     many = len(schema_of(op).returns) != 1
     return [_describe(o) for o in (eager if many else [eager])] == [_describe(o) for o in (meta if many else [meta])]
 
 
-_expected_cache: OrderedDict[Any, list[Any] | None] = OrderedDict()
-_expected_lock = threading.Lock()
-_EXPECTED_CACHE_SIZE = 4096
+class _Recent:
+    """A thread-safe map of the ``size`` most recently used keys (a cache of per-signature answers)."""
+
+    def __init__(self, size: int) -> None:
+        self._items: OrderedDict[Any, Any] = OrderedDict()
+        self._size = size
+        self._lock = threading.Lock()
+
+    def lookup(self, key: Any) -> tuple[bool, Any]:
+        """``(True, value)`` if ``key`` is cached (it becomes the most recent), else ``(False, None)``."""
+        with self._lock:
+            if key not in self._items:
+                return False, None
+            self._items.move_to_end(key)
+            return True, self._items[key]
+
+    def store(self, key: Any, value: Any) -> None:
+        with self._lock:
+            self._items[key] = value
+            while len(self._items) > self._size:
+                self._items.popitem(last=False)
 
 
-def _key_part(value: Any) -> Any:
+_CACHE_SIZE = 4096
+_expected_cache = _Recent(_CACHE_SIZE)  # call signature -> the outputs' (shape, dtype), or None
+_accepted = _Recent(_CACHE_SIZE)  # argument signatures (strides included) the meta kernel accepted
+
+
+def _key_part(value: Any, strided: bool = False) -> Any:
     if isinstance(value, torch.Tensor):
-        return ("T", tuple(value.shape), value.dtype, value.device.type, value.layout)
+        layout = (tuple(value.stride()),) if strided else ()
+        return ("T", tuple(value.shape), *layout, value.dtype, value.device.type, value.layout)
     if isinstance(value, (list, tuple)):
-        return tuple(_key_part(v) for v in value)
+        return tuple(_key_part(v, strided) for v in value)
     return value
 
 
@@ -191,6 +215,12 @@ def _to_meta(value: Any) -> Any:
     return value
 
 
+def _on_meta(op: OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """``op`` run on meta tensors standing in for ``args`` and ``kwargs`` (shapes, no data)."""
+    with torch.no_grad():
+        return op(*_to_meta(args), **{k: _to_meta(v) for k, v in kwargs.items()})
+
+
 def _describe(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return (tuple(value.shape), value.dtype)
@@ -199,10 +229,10 @@ def _describe(value: Any) -> Any:
     return None
 
 
-def _call_key(op: OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any], part: Any) -> Any:
-    """A cache key for a call (``part`` describes each argument), or ``None`` if it is not hashable."""
+def _call_key(op: OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any], strided: bool = False) -> Any:
+    """A cache key for a call (strides included if ``strided``), or ``None`` if it is not hashable."""
     try:
-        key = (op, part(args), part(tuple(sorted(kwargs.items()))))
+        key = (op, _key_part(args, strided), _key_part(tuple(sorted(kwargs.items())), strided))
         hash(key)
     except TypeError:
         return None
@@ -211,36 +241,20 @@ def _call_key(op: OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any], par
 
 def _expected(op: OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any] | None:
     """Shapes and dtypes the native kernel would return, from a run on ``meta``."""
-    key = _call_key(op, args, kwargs, _key_part)
+    key = _call_key(op, args, kwargs)
     if key is not None:
-        with _expected_lock:
-            if key in _expected_cache:
-                _expected_cache.move_to_end(key)
-                return _expected_cache[key]
+        found, expected = _expected_cache.lookup(key)
+        if found:
+            return expected
     try:
-        with torch.no_grad():
-            out = op(*_to_meta(args), **{k: _to_meta(v) for k, v in kwargs.items()})
+        out = _on_meta(op, args, kwargs)
         outs = [out] if len(schema_of(op).returns) == 1 else list(out or ())
         expected = [_describe(o) for o in outs]
     except Exception:  # no meta kernel, data-dependent shapes: shape checks are skipped
         expected = None
     if key is not None:
-        with _expected_lock:
-            _expected_cache[key] = expected
-            while len(_expected_cache) > _EXPECTED_CACHE_SIZE:
-                _expected_cache.popitem(last=False)
+        _expected_cache.store(key, expected)
     return expected
-
-
-_accepted: OrderedDict[Any, None] = OrderedDict()  # argument signatures the meta kernel accepted
-
-
-def _strided_key_part(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return ("T", tuple(value.shape), tuple(value.stride()), value.dtype, value.device.type, value.layout)
-    if isinstance(value, (list, tuple)):
-        return tuple(_strided_key_part(v) for v in value)
-    return value
 
 
 def check_arguments(op: OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -262,19 +276,12 @@ def check_arguments(op: OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any
         ...
         RuntimeError: a and b must have same reduction dim, but got [2, 3] X [2, 4].
     """
-    key = _call_key(op, args, kwargs, _strided_key_part)
+    key = _call_key(op, args, kwargs, strided=True)
+    if key is not None and _accepted.lookup(key)[0]:
+        return
+    _on_meta(op, args, kwargs)
     if key is not None:
-        with _expected_lock:
-            if key in _accepted:
-                _accepted.move_to_end(key)
-                return
-    with torch.no_grad():
-        op(*_to_meta(args), **{k: _to_meta(v) for k, v in kwargs.items()})
-    if key is not None:
-        with _expected_lock:
-            _accepted[key] = None
-            while len(_accepted) > _EXPECTED_CACHE_SIZE:
-                _accepted.popitem(last=False)
+        _accepted.store(key, None)
 
 
 def check_results(op: OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any], results: list[Any]) -> None:
