@@ -287,12 +287,14 @@ def _gather_taps(input: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return flat.gather(2, index).view(batch, channels, taps, locations)
 
 
-def _tap_weights(plan: _Plan, dtype: torch.dtype) -> torch.Tensor:
-    """Weights with out-of-bounds taps zeroed, as ``(N, 1, T, L)``."""
-    if plan.weight is None:
+def _tap_weights(plan: _Plan, dtype: torch.dtype, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Weights (``plan``'s, or a ``(T, N, L)`` ``weight`` such as their tangent) with out-of-bounds
+    taps zeroed, as ``(N, 1, T, L)``."""
+    weight = plan.weight if weight is None else weight
+    if weight is None:
         weight = plan.valid.to(dtype)
     else:
-        weight = torch.where(plan.valid, plan.weight, 0)
+        weight = torch.where(plan.valid, weight, 0)
     return weight.permute(1, 0, 2).unsqueeze(1)
 
 
@@ -579,8 +581,7 @@ def _grid_backward_rule(op: OpOverload, dims: int) -> TangentRule:
             d_coords = [c.unsqueeze(0) for c in d_grid.to(work).reshape(batch, -1, dims).unbind(-1)[::-1]]
             if wanted:
                 d_weight = add(*(slope * d for slope, d in zip(plan.slopes, d_coords)))  # type: ignore[operator]
-                d_weight = torch.where(plan.valid, d_weight, 0).permute(1, 0, 2).unsqueeze(1)
-                d_grad_input.append(_scatter_taps(spread * d_weight, plan, input))
+                d_grad_input.append(_scatter_taps(spread * _tap_weights(plan, work, d_weight), plan, input))
             seen = (spread * _gather_taps(input, plan.index)).sum(1)  # (N, T, L)
             columns = []
             for k in range(dims):
