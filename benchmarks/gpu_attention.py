@@ -123,10 +123,7 @@ def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
 def check_operator(name: str, dtype: torch.dtype, device: str, causal: bool = True, seq: int = 128) -> dict[str, Any]:
     """Relative errors of one operator in one dtype (``device`` may be CPU: no fused kernel to compare)."""
     call, _, options = OPERATORS[name]
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    shape = (2, 4, seq, 64)
-    primals = [torch.randn(shape, generator=gen).to(device, dtype) for _ in range(3)]
-    tangents = [torch.randn(shape, generator=gen).to(device, dtype) for _ in range(3)]
+    primals, tangents = _inputs((2, 4, seq, 64), 0, device, dtype)
     record: dict[str, Any] = {"operator": name, "dtype": str(dtype).replace("torch.", ""), "causal": causal}
     wide = [p.double() for p in primals], [t.double() for t in tangents]
     (want, want_lse), (dwant, dwant_lse) = torch.func.jvp(
@@ -179,9 +176,7 @@ def timing(seq: int, dtype: torch.dtype, heads: int, dim: int, repeats: int, dev
     """Primal, fwdecomp JVP and math JVP of ``F.scaled_dot_product_attention`` at one length."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    gen = torch.Generator(device="cpu").manual_seed(seq)
-    primals = [torch.randn(1, heads, seq, dim, generator=gen).to(device, dtype) for _ in range(3)]
-    tangents = [torch.randn(1, heads, seq, dim, generator=gen).to(device, dtype) for _ in range(3)]
+    primals, tangents = _inputs((1, heads, seq, dim), seq, device, dtype)
 
     def primal():
         with torch.no_grad():
@@ -194,9 +189,23 @@ def timing(seq: int, dtype: torch.dtype, heads: int, dim: int, repeats: int, dev
         with sdpa_kernel(SDPBackend.MATH):
             return jvp()
 
+    methods = (("primal", primal, False), ("fwdecomp JVP", jvp, True), ("math JVP", math_jvp, False))
+    return _measured(seq, methods, repeats)
+
+
+def _inputs(shape: tuple[int, ...], seed: int, device: str, dtype: torch.dtype) -> tuple[list, list]:
+    """Three primals (query, key, value) and three tangents of ``shape``, drawn on CPU from ``seed``."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    primals = [torch.randn(shape, generator=gen).to(device, dtype) for _ in range(3)]
+    tangents = [torch.randn(shape, generator=gen).to(device, dtype) for _ in range(3)]
+    return primals, tangents
+
+
+def _measured(seq: int, methods: Any, repeats: int) -> list[dict]:
+    """Peak memory and time of each ``(name, fn, routed)``; fwdecomp is enabled once around a routed
+    one's timings (enable() registers kernels: ~20 ms, not part of a JVP)."""
     records = []
-    # fwdecomp is enabled once around its timings (enable() registers kernels: not part of a JVP)
-    for name, fn, routed in (("primal", primal, False), ("fwdecomp JVP", jvp, True), ("math JVP", math_jvp, False)):
+    for name, fn, routed in methods:
         record: dict[str, Any] = {"seq": seq, "method": name}
         try:
             with fwdecomp.enabled() if routed else contextlib.nullcontext():
@@ -281,10 +290,7 @@ def check_gradients(
     """Largest relative error of the six gradients (primals, tangents) against the math backend in float64."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    gen = torch.Generator(device="cpu").manual_seed(1)
-    shape = (2, 4, seq, 64)
-    primals = [torch.randn(shape, generator=gen).to(device, dtype) for _ in range(3)]
-    tangents = [torch.randn(shape, generator=gen).to(device, dtype) for _ in range(3)]
+    primals, tangents = _inputs((2, 4, seq, 64), 1, device, dtype)
     with sdpa_kernel(SDPBackend.MATH):
         want = _jvp_then_grad("func.jvp", [p.double() for p in primals], [t.double() for t in tangents], causal)
     with fwdecomp.enabled():
@@ -303,9 +309,7 @@ def grad_timing(seq: int, dtype: torch.dtype, heads: int, dim: int, repeats: int
     """func.jvp + backward of ``F.scaled_dot_product_attention``: fwdecomp against the math backend."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    gen = torch.Generator(device="cpu").manual_seed(seq)
-    primals = [torch.randn(1, heads, seq, dim, generator=gen).to("cuda", dtype) for _ in range(3)]
-    tangents = [torch.randn(1, heads, seq, dim, generator=gen).to("cuda", dtype) for _ in range(3)]
+    primals, tangents = _inputs((1, heads, seq, dim), seq, "cuda", dtype)
 
     def fwdecomp_route():
         return _jvp_then_grad("func.jvp", primals, tangents, False)
@@ -314,19 +318,8 @@ def grad_timing(seq: int, dtype: torch.dtype, heads: int, dim: int, repeats: int
         with sdpa_kernel(SDPBackend.MATH):
             return _jvp_then_grad("func.jvp", primals, tangents, False)
 
-    records = []
-    # enabled once around the timings, as in ``timing`` (enable() registers kernels: ~20 ms)
-    for name, fn, routed in (("fwdecomp JVP + grad", fwdecomp_route, True), ("math JVP + grad", math_route, False)):
-        record: dict[str, Any] = {"seq": seq, "method": name}
-        try:
-            with fwdecomp.enabled() if routed else contextlib.nullcontext():
-                record["peak_extra_bytes"] = _cuda_peak(fn)
-                record["seconds"] = _cuda_time(fn, repeats)
-        except Exception as error:
-            record["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:100]}"
-            torch.cuda.empty_cache()
-        records.append(record)
-    return records
+    methods = (("fwdecomp JVP + grad", fwdecomp_route, True), ("math JVP + grad", math_route, False))
+    return _measured(seq, methods, repeats)
 
 
 def main(argv: list[str] | None = None) -> int:
