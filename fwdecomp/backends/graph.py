@@ -510,7 +510,14 @@ def _trace(op: OpOverload, stack: list[Any], leaves: list[torch.Tensor], mode: s
             results = entry.fn(*args, **kwargs)
         return results_to_stack(schema, results)
 
-    with _TRACE_LOCK, _torch.outside_functorch(), _torch.autocast_disabled({t.device.type for t in leaves}):
+    # (fake tensors log a kernel's failure with a traceback before raising it; a failed trace is
+    # an expected outcome here, answered by running eagerly)
+    with (
+        _TRACE_LOCK,
+        _torch.outside_functorch(),
+        _torch.autocast_disabled({t.device.type for t in leaves}),
+        _torch.quiet_fake_tensor_log(),
+    ):
         module = _torch.make_fx(decomposition, mode)(*_standins(leaves, mode))
         placeholders = [n.meta.get("val") for n in module.graph.nodes if n.op == "placeholder"]
         guards = _torch.shape_guards(placeholders) if mode == "symbolic" else None
@@ -703,8 +710,7 @@ class GraphBackend(DecompositionInterface):
             if traced is not None:
                 return traced
             try:
-                with _torch.quiet_fake_tensor_log():
-                    traced = _trace(op, stack, leaves, self.tracing_mode)
+                traced = _trace(op, stack, leaves, self.tracing_mode)
             except ClosureError as error:
                 self._store(key, _Traced(op, call, "refused", str(error), error=error), generation)
                 raise
@@ -872,8 +878,7 @@ def explain(op: OperatorLike, *args: Any, **kwargs: Any) -> Explanation:
     stack = arguments_to_stack(schema_of(overload), args, kwargs)
     leaves = _leaves(stack)
     try:
-        with _torch.quiet_fake_tensor_log():
-            traced = _trace(overload, stack, leaves, _default.tracing_mode)
+        traced = _trace(overload, stack, leaves, _default.tracing_mode)
     except ClosureError:
         raise
     except Exception as error:
