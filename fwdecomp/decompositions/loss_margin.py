@@ -36,7 +36,7 @@ import torch
 from fwdecomp.contract import meta_shapes_unreliable
 from fwdecomp.decompositions import builtin
 from fwdecomp.registry import Sample
-from fwdecomp.tangent_rules import add, in_place, multilinear, with_tangent_rule
+from fwdecomp.tangent_rules import multilinear, with_tangent_rule
 
 aten = torch.ops.aten
 
@@ -145,11 +145,6 @@ def _multilabel_forward_rule(primals: list, tangents: list):
     return (loss, is_target), (tangent, None)
 
 
-def _hinges(x: torch.Tensor, index: torch.Tensor, margin: float) -> torch.Tensor:
-    """``max(0, margin - x[y] + x[d])``, 0 for ``d == y`` (no margin); derivative 0 at the kink, as PyTorch's."""
-    return torch.relu(_margins(x, index, margin)).scatter(1, index, 0)
-
-
 @builtin(aten.multi_margin_loss.default, samples=_multi_margin_samples)
 def multi_margin_loss(
     self: torch.Tensor,
@@ -162,11 +157,12 @@ def multi_margin_loss(
     """Multi-class hinge loss, as ``F.multi_margin_loss``."""
     x = _frames(self, "multi_margin_loss")
     _check_multi_margin(x, self, target, p, weight)
-    index = target.reshape(-1, 1)
-    hinge = _hinges(x, index, margin)
+    classes = x.shape[1]
+    hinge = torch.relu(_margins(x, target, margin))  # derivative 0 at the kink, as PyTorch's
     if p == 2:
         hinge = hinge * hinge
-    per_frame = aten.div.Scalar(hinge.sum(1), x.shape[1])
+    hinge = hinge.scatter(1, target.reshape(-1, 1), 0)  # d == y is no margin
+    per_frame = aten.div.Scalar(hinge.sum(1), classes)
     if weight is not None:
         per_frame = per_frame * weight.detach()[target.reshape(-1)]
     return _reduce(per_frame, reduction, _multi_margin_output_shape(self, target))
@@ -180,42 +176,15 @@ def _multi_margin_backward_samples(device: str, dtype: torch.dtype) -> Iterator[
         yield Sample((grad, *sample.args), note=sample.note, tangents=(0, 1))
 
 
-def _multi_margin_backward_rule(primals: list, tangents: list):
-    """The decomposition's gradient and its tangent on plain tensors, from the hinges' slopes:
-    linear in ``grad_output``; in ``self`` piecewise constant for ``p = 1``, ``2 d z`` where a
-    margin is violated for ``p = 2``. Not the kernel: on the CPU one call costs more than the
-    dozen passes over ``(frames, classes)`` that give both. ``weight`` is not differentiated."""
-    grad_output, self, target, p, margin, weight, reduction = primals
-    d_grad, d_self = tangents[:2]
-    x = _frames(self, "multi_margin_loss_backward")
-    _check_multi_margin(x, self, target, p, weight)
-    frames, classes = x.shape
-    index = target.reshape(-1, 1)
-    hinge = _hinges(x, index, margin)
-    per_class = 1 / classes if weight is None else aten.div.Scalar(weight[index], classes)
-    d_slope = None
-    if p != 1 and d_self is not None:
-        d_x = d_self.reshape(x.shape)
-        d_slope = in_place(hinge.sign(), "mul", d_x - d_x.gather(1, index)).mul_(2)
-    # relu's sign, not a comparison: a boolean mask costs ~5x a float pass on the CPU
-    slope = in_place(hinge, "sign") if p == 1 else in_place(hinge, "mul", 2)
-    scale = _frame_grad(grad_output, reduction, frames) * per_class
-    d_others = None
-    if d_grad is not None:
-        d_others = slope * (_frame_grad(d_grad, reduction, frames) * per_class)
-    if d_slope is not None:
-        d_others = add(d_others, in_place(d_slope, "mul", scale))
-    grad = _gradient(slope * scale, index).reshape(self.shape)
-    return grad, None if d_others is None else _gradient(d_others, index).reshape(self.shape)
-
-
-def _gradient(others: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """The gradient from each class's share (0 at ``y``): at ``y`` minus the frame's total."""
-    return others.scatter(1, index, -others.sum(1, keepdim=True))
-
-
 @builtin(aten.multi_margin_loss_backward.default, samples=_multi_margin_backward_samples)
-@with_tangent_rule(_multi_margin_backward_rule)
+@with_tangent_rule(
+    multilinear(
+        aten.multi_margin_loss_backward.default,
+        (("grad_output",),),
+        constant=("self", "weight"),  # piecewise constant in self for p = 1; weight is not differentiated
+        declines=lambda primals, tangents: primals[3] != 1 and tangents[1] is not None,
+    )
+)
 def multi_margin_loss_backward(
     grad_output: torch.Tensor,
     self: torch.Tensor,
