@@ -35,8 +35,15 @@ E = TypeVar("E")
 Listener = Callable[[str, OpOverload], None]
 
 
+_keys: dict[int, tuple[torch.FunctionSchema, tuple[str, str]]] = {}
+
+
 def _schema_key(schema: torch.FunctionSchema) -> tuple[str, str]:
-    return (schema.name, schema.overload_name)
+    """``(name, overload name)``, remembered per schema object (each read goes through pybind)."""
+    cached = _keys.get(id(schema))
+    if cached is None or cached[0] is not schema:
+        cached = _keys[id(schema)] = (schema, (schema.name, schema.overload_name))
+    return cached[1]
 
 
 class OperatorTable(Generic[E]):
@@ -50,12 +57,15 @@ class OperatorTable(Generic[E]):
         self._entries: dict[OpOverload, E] = {}
         self._by_schema: dict[tuple[str, str], E] = {}
         self._listeners: list[Listener] = []
+        self._version = 0  # bumped by every change: invalidates find()'s cache
+        self._found: dict[OpOverload, tuple[int, E | None]] = {}
 
     def _notify(self, event: str, op: OpOverload) -> None:
         for listener in list(self._listeners):
             listener(event, op)
 
     def _store(self, op: OpOverload, entry: E) -> None:
+        self._version += 1
         self._entries[op] = entry
         self._by_schema[_schema_key(schema_of(op))] = entry
 
@@ -66,6 +76,22 @@ class OperatorTable(Generic[E]):
     def get_schema(self, schema: torch.FunctionSchema) -> E | None:
         """The entry of the operator with this schema, or ``None``."""
         return self._by_schema.get(_schema_key(schema))
+
+    def find(self, op: OpOverload) -> E | None:
+        """The entry a call of ``op`` uses: ``op``'s own, else the one of its schema, else ``None``.
+
+        Remembered per operator until the table changes (the lookup by schema reads the
+        schema's name through pybind: it costs more than the call's other bookkeeping).
+        """
+        version = self._version
+        cached = self._found.get(op)
+        if cached is not None and cached[0] == version:
+            return cached[1]
+        entry = self._entries.get(op)
+        if entry is None:
+            entry = self.get_schema(schema_of(op))
+        self._found[op] = (version, entry)
+        return entry
 
     def operators(self) -> list[OpOverload]:
         """Every operator overload with an entry, sorted by name."""
@@ -85,6 +111,7 @@ class OperatorTable(Generic[E]):
         with self.lock:
             if self._entries.pop(op, None) is None:
                 return False
+            self._version += 1
             self._by_schema.pop(_schema_key(schema_of(op)), None)
             self._notify("unregister", op)
             return True
@@ -98,6 +125,7 @@ class OperatorTable(Generic[E]):
         """Make the table exactly ``saved`` again; listeners hear of every operator that changed."""
         with self.lock:
             changed = [op for op in set(self._entries) | set(saved) if self._entries.get(op) is not saved.get(op)]
+            self._version += 1
             self._entries.clear()
             self._by_schema.clear()
             for op, entry in saved.items():

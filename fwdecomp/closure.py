@@ -154,7 +154,7 @@ def forward_route(op: OpOverload) -> Route:
     route = _cached_native_route(op)
     if route.kind == "formula":
         return route
-    if jvp_rules.lookup(op) is not None or jvp_rules.lookup_schema(schema_of(op)) is not None:
+    if jvp_rules.find(op) is not None:
         return Route("rule", "fwdecomp runs its registered JVP rule")
     if registry.lookup(op) is not None:
         return Route("decomposition", "fwdecomp routes it to its registered decomposition")

@@ -84,6 +84,7 @@ __all__ = [
     "DuplicateJvpRuleError",
     "JvpRule",
     "call",
+    "find",
     "lookup",
     "lookup_schema",
     "operators",
@@ -230,6 +231,11 @@ def lookup_schema(schema: torch.FunctionSchema) -> JvpRule | None:
     return _table.get_schema(schema)
 
 
+def find(op: OpOverload) -> JvpRule | None:
+    """The JVP rule a call of ``op`` runs: ``op``'s own, else the one registered for its schema."""
+    return _table.find(op)
+
+
 def operators() -> list[OpOverload]:
     """Every operator overload that has a JVP rule, sorted by name."""
     return _table.operators()
@@ -372,7 +378,7 @@ def run_rule(
     tested rules): the outputs are not checked against the operator's meta kernel.
     """
     schema = schema_of(op)
-    rule = rule or lookup(op) or lookup_schema(schema)
+    rule = rule or find(op)
     if rule is None:
         raise NotImplementedError(f"fwdecomp: no JVP rule is registered for {qualified_name(op)}")
     primals, tangents = split or split_tangents(schema, stack)

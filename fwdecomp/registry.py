@@ -32,6 +32,7 @@ __all__ = [
     "Decomposition",
     "DuplicateDecompositionError",
     "Sample",
+    "find",
     "lookup",
     "lookup_schema",
     "operators",
@@ -189,6 +190,11 @@ def lookup(op: OpOverload) -> Decomposition | None:
 def lookup_schema(schema: torch.FunctionSchema) -> Decomposition | None:
     """The decomposition registered for the operator with this schema, or ``None``."""
     return _table.get_schema(schema)
+
+
+def find(op: OpOverload) -> Decomposition | None:
+    """The decomposition a call of ``op`` runs: ``op``'s own, else the one registered for its schema."""
+    return _table.find(op)
 
 
 def operators() -> list[OpOverload]:

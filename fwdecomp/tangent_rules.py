@@ -47,6 +47,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from typing import Any, Callable, Iterator, TypeVar
 
@@ -62,8 +63,10 @@ from fwdecomp._torch import (
     is_legacy_batched,
     requires_grad_below,
     schema_of,
+    unpack_dual,
 )
 from fwdecomp.autograd import tangent_free_calls
+from fwdecomp.stack import layout
 
 __all__ = [
     "RULE_ATTRIBUTE",
@@ -146,23 +149,53 @@ def _legacy_vmap(tangents: list[Any]) -> bool:
     return any(isinstance(t, torch.Tensor) and is_legacy_batched(t) for t in tangents)
 
 
+def _split_if_unseen(schema: torch.FunctionSchema, stack: list[Any]) -> tuple[list[Any], list[Any]] | None:
+    """``split_tangents(schema, stack)``, or ``None`` where :func:`reverse_mode_can_see` the call or a
+    tangent is the legacy ``vmap``'s (:func:`_legacy_vmap`).
+
+    One pass over the arguments where they are tensors (it runs on every rule call, where the three
+    passes cost more than a small operator); the general functions where a list holds tensors.
+    """
+    if grad_transform_active():
+        return None
+    grad = torch.is_grad_enabled()
+    primals, tangents = list(stack), [None] * len(stack)
+    for i, (holds_tensors, value) in enumerate(zip(layout(schema).holds_tensors, stack)):
+        if not holds_tensors or value is None:
+            continue
+        if not isinstance(value, torch.Tensor):
+            primals, tangents = jvp_rules.split_tangents(schema, stack)
+            return None if reverse_mode_can_see(primals, tangents) or _legacy_vmap(tangents) else (primals, tangents)
+        primal, tangent = unpack_dual(value)
+        if tangent is not None:
+            if is_legacy_batched(tangent) or (grad and requires_grad_below(tangent)):
+                return None
+            primals[i], tangents[i] = primal, tangent
+        if grad and requires_grad_below(primal):
+            return None
+    return primals, tangents
+
+
 def try_rule(op: OpOverload, stack: list[Any], fn: Callable[..., Any]) -> bool:
     """Run the tangent rule of decomposition ``fn`` on ``stack`` if one applies (``False``: ``stack`` unchanged)."""
     rule = rule_of(fn)
     if rule is None or not _state.enabled:
         return False
-    primals, tangents = jvp_rules.split_tangents(schema_of(op), stack)
-    if reverse_mode_can_see(primals, tangents) or _legacy_vmap(tangents):
+    split = _split_if_unseen(schema_of(op), stack)
+    if split is None:
         return False
     # One forward-AD level and no torch.func transform: the primals carry no tangent of another
-    # level, so the rule's operators need no autograd kernel at all (see _below_autograd).
+    # level, so the rule's operators need no autograd kernel at all (see _below_autograd), and
+    # fwdecomp's kernels, which sit at the autograd keys, are not reached.
     alone = forward_ad_level() == 0 and functorch_level() is None
     key = (op, rule, alone)
     bound = _bound.get(key)
     if bound is None:
         bound = _bound[key] = jvp_rules.JvpRule(op, _below_autograd(rule) if alone else rule)
+    if alone:
+        return jvp_rules.run_rule(op, stack, bound, may_decline=True, split=split, trusted=True)
     with tangent_free_calls():  # the rule calls operators on primals: no tangent checks needed
-        return jvp_rules.run_rule(op, stack, bound, may_decline=True, split=(primals, tangents), trusted=True)
+        return jvp_rules.run_rule(op, stack, bound, may_decline=True, split=split, trusted=True)
 
 
 _bound: dict[tuple[OpOverload, TangentRule, bool], jvp_rules.JvpRule] = {}  # (op, rule, alone) -> JvpRule
@@ -222,6 +255,15 @@ def _add_outputs(left: Any, right: Any) -> Any:
     return left + right
 
 
+def _positional_call(op: OpOverload) -> Callable[[list[Any]], Any]:
+    """``jvp_rules.call(op, ...)`` for an operator without keyword-only arguments (no conversion)."""
+
+    def call(arguments: list[Any]) -> Any:
+        return op(*arguments)
+
+    return call
+
+
 def multilinear(
     op: OpOverload,
     groups: tuple[tuple[str, ...], ...],
@@ -246,13 +288,15 @@ def multilinear(
         raise ValueError(f"fwdecomp: {op} has no argument(s) {unknown}; its schema names {names}")
     positions = tuple(tuple(names.index(n) for n in group) for group in groups)
     covered = {i for group in positions for i in group} | {names.index(n) for n in constant}
+    uncovered = tuple(i for i in range(len(names)) if i not in covered)
+    call = functools.partial(jvp_rules.call, op) if layout(schema_of(op)).kwarg_only else _positional_call(op)
 
     def rule(primals: list[Any], tangents: list[Any]) -> Any:
-        if any(t is not None for i, t in enumerate(tangents) if i not in covered):
+        if any(tangents[i] is not None for i in uncovered):
             return NotImplemented
         if declines is not None and declines(primals, tangents):
             return NotImplemented
-        outputs = jvp_rules.call(op, primals)
+        outputs = call(primals)
         total = None
         for group in positions:
             if all(tangents[i] is None for i in group):
@@ -260,7 +304,7 @@ def multilinear(
             arguments = list(primals)
             for i in group:
                 arguments[i] = tangents[i] if tangents[i] is not None else torch.zeros_like(primals[i])
-            total = _add_outputs(total, jvp_rules.call(op, arguments))
+            total = _add_outputs(total, call(arguments))
         if isinstance(outputs, tuple):
             if total is None:
                 return outputs, None

@@ -151,3 +151,38 @@ def test_unregistered_operator_falls_back_to_pytorch(enabled):
     assert not autograd.is_installed(aten.cholesky.default)
     with pytest.raises(NotImplementedError, match="Trying to use forward AD with cholesky"):
         _jvp_cholesky()
+
+
+def test_find_follows_every_change_of_the_table():
+    """``find`` remembers its answer per operator until the table changes: put, remove, restore."""
+    from fwdecomp._operator_table import OperatorTable
+
+    table: OperatorTable[str] = OperatorTable()
+    op = aten.cholesky.default
+    assert table.find(op) is None
+    table.put({op: "first"})
+    assert table.find(op) == "first"
+    table.put({op: "second"})
+    assert table.find(op) == "second"
+    saved = table.snapshot()
+    assert table.remove(op)
+    assert table.find(op) is None
+    table.restore(saved)
+    assert table.find(op) == "second"
+    table.restore({})
+    assert table.find(op) is None
+
+
+def test_find_reaches_an_entry_through_its_schema():
+    """An overload object other than the registered one, with the same schema, finds the entry (the
+    dispatcher hands the interface a schema)."""
+    from fwdecomp._operator_table import OperatorTable
+
+    table: OperatorTable[str] = OperatorTable()
+    op = aten.cholesky.default
+
+    class Alias:  # another OpOverload object: same schema, different identity
+        _schema = op._schema
+
+    table.put({op: "entry"})
+    assert table.find(Alias()) == "entry"

@@ -347,3 +347,39 @@ def test_grid_backward_kernel_asks_for_both_gradients_where_vmap_refuses_one():
     assert asked == [[False, True], [True, True]]
     with pytest.raises(RuntimeError):  # a refusal with both asked for is the caller's error
         sampling._backward_kernel(lambda *args: (_ for _ in ()).throw(RuntimeError("bad")), 1, input_mask=True)
+
+
+def _stacks():
+    """(name, op, make_stack) where make_stack builds the stack inside the open forward-AD level."""
+    x, t = torch.randn(3), torch.randn(3)
+    leaf = torch.randn(3, requires_grad=True)
+    cat = aten.cat.default
+    hard = aten.hardsigmoid_backward.default
+    yield "duals", hard, lambda: [forward_ad.make_dual(x, t), forward_ad.make_dual(x, t)]
+    yield "one plain", hard, lambda: [forward_ad.make_dual(x, t), x]
+    yield "primal requires grad", hard, lambda: [forward_ad.make_dual(leaf, t), x]
+    yield "tangent requires grad", hard, lambda: [forward_ad.make_dual(x, leaf), x]
+    yield "plain requires grad", hard, lambda: [forward_ad.make_dual(x, t), leaf]
+    yield "list of tensors", cat, lambda: [[forward_ad.make_dual(x, t), x], 0]
+    yield "list requiring grad", cat, lambda: [[forward_ad.make_dual(x, t), leaf], 0]
+
+
+@pytest.mark.parametrize("grad_mode", [True, False], ids=["grad", "no_grad"])
+@pytest.mark.parametrize("name, op, make_stack", list(_stacks()), ids=[s[0] for s in _stacks()])
+def test_one_pass_split_agrees_with_the_general_checks(name, op, make_stack, grad_mode):
+    """try_rule's one-pass split and checks give what split_tangents, reverse_mode_can_see and the
+    legacy-vmap check give together."""
+    with forward_ad.dual_level(), torch.set_grad_enabled(grad_mode):
+        stack = make_stack()
+        primals, tangents = jvp_rules.split_tangents(op._schema, stack)
+        expected = None if tangent_rules.reverse_mode_can_see(primals, tangents) else (primals, tangents)
+        got = tangent_rules._split_if_unseen(op._schema, stack)
+        assert (got is None) == (expected is None)
+        if got is not None:
+            for ours, theirs in zip(got, expected):
+                assert len(ours) == len(theirs)
+                for a, b in zip(ours, theirs):
+                    if isinstance(a, torch.Tensor):
+                        assert torch.equal(a, b) and forward_ad.unpack_dual(a).tangent is None
+                    else:
+                        assert type(a) is type(b)

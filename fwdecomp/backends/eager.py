@@ -100,7 +100,7 @@ def with_zero_tangents(args: tuple[Any, ...], kwargs: dict[str, Any], limit: int
 
 def run_registered(op: OpOverload, stack: list[Any], zero_tangent_max_numel: int | None = None) -> None:
     """Call ``op``'s registered decomposition on a boxed stack, checking what it returns."""
-    entry = registry.lookup(op) or registry.lookup_schema(schema_of(op))
+    entry = registry.find(op)
     if entry is None:
         raise NotImplementedError(f"fwdecomp: no decomposition is registered for {qualified_name(op)}")
     schema = schema_of(op)
@@ -161,7 +161,7 @@ class EagerBackend(DecompositionInterface):
         return jvp_rules.lookup_schema(schema) is not None or registry.lookup_schema(schema) is not None
 
     def run_decomposition(self, op: OpOverload, stack: list[Any]) -> None:
-        rule = jvp_rules.lookup(op) or jvp_rules.lookup_schema(schema_of(op))
+        rule = jvp_rules.find(op)
         if rule is not None:
             jvp_rules.run_rule(op, stack, rule)
         elif not run_tangent_rule(op, stack):
@@ -171,7 +171,7 @@ class EagerBackend(DecompositionInterface):
 def run_tangent_rule(op: OpOverload, stack: list[Any]) -> bool:
     """Run the tangent rule of ``op``'s registered decomposition if it has one that applies
     (:mod:`fwdecomp.tangent_rules`); ``False`` leaves ``stack`` as it was."""
-    entry = registry.lookup(op) or registry.lookup_schema(schema_of(op))
+    entry = registry.find(op)
     return entry is not None and tangent_rules.try_rule(op, stack, entry.fn)
 
 

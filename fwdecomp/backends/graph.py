@@ -170,7 +170,7 @@ def _graph_can_run(op: OpOverload) -> bool:
     """
     known = _can_run.get(op)
     if known is None:
-        has_rule = jvp_rules.lookup(op) is not None or jvp_rules.lookup_schema(schema_of(op)) is not None
+        has_rule = jvp_rules.find(op) is not None
         known = _can_run[op] = not has_rule and registry.lookup(op) is not None
     return known
 
@@ -494,7 +494,7 @@ def _compile(module: torch.fx.GraphModule) -> Callable[..., Any]:
 def _trace(op: OpOverload, stack: list[Any], leaves: list[torch.Tensor], mode: str) -> _Traced:
     """Trace ``op``'s decomposition for this call; raises ClosureError, or whatever tracing hit."""
     schema = schema_of(op)
-    entry = registry.lookup(op) or registry.lookup_schema(schema)
+    entry = registry.find(op)
     if entry is None:
         raise NotImplementedError(f"fwdecomp: no decomposition is registered for {qualified_name(op)}")
     seen: dict[str, Any] = {}
