@@ -139,3 +139,23 @@ def test_segment_reduce_backward_value_is_the_kernels_bit_for_bit(reduce):
             (grad,),
         )
     assert torch.equal(got, want)
+
+
+def test_segment_reduce_backward_tangent_under_vmap_over_lengths(enabled):
+    """The rule's repeat_interleave path reads whether the lengths tile the axis; under vmap over the
+    lengths it cannot, and the kernel path gives the tangent."""
+    data = torch.randn(6, 2, dtype=torch.float64)
+    lengths = torch.tensor([[2, 3, 1], [1, 1, 4]])
+    grad = torch.randn(3, 2, dtype=torch.float64)
+
+    def tangent(per_call_lengths):
+        def f(g):
+            out = aten.segment_reduce(data, "mean", lengths=per_call_lengths)
+            return aten._segment_reduce_backward(g, out, data, "mean", lengths=per_call_lengths)
+
+        return torch.func.jvp(f, (grad,), (torch.ones_like(grad),))[1]
+
+    got = torch.vmap(tangent)(lengths)
+    for row, length in zip(got, lengths):
+        expected = (torch.ones_like(grad) / length.unsqueeze(1)).repeat_interleave(length, dim=0)
+        torch.testing.assert_close(row, expected)

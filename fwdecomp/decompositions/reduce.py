@@ -533,15 +533,50 @@ def _segment_reduce_backward_samples(device: str, dtype: torch.dtype) -> Iterato
         )
 
 
+_backward_linear = multilinear(
+    aten._segment_reduce_backward.default, (("grad",),), constant=("output", "data"), declines=_not_linear(3, 7)
+)
+
+
+def _tile(lengths: torch.Tensor, size: int) -> bool:
+    """Whether ``lengths`` add up to ``size`` (``False`` where that cannot be read: ``vmap`` over them)."""
+    try:
+        return int(lengths.sum()) == size
+    except RuntimeError:  # data-dependent control flow under vmap
+        return False
+
+
+def _segment_reduce_backward_rule(primals: list, tangents: list):
+    """sum / mean (linear in ``grad``, constant in ``output`` and ``data``): the kernel for the output;
+    where 1-D ``lengths`` tile the whole axis, the tangent is ``grad``'s repeated over each segment
+    (divided by its length for the mean): one ``repeat_interleave``, a quarter of a kernel call on the
+    CPU. Otherwise the kernel on ``grad``'s tangent."""
+    grad, _, data, reduce, lengths, offsets = primals[:6]
+    d_grad = tangents[0]
+    tiled = (
+        d_grad is not None
+        and reduce in ("sum", "mean")
+        and (reduce == "sum" or primals[7] is None)
+        and offsets is None
+        and lengths is not None
+        and lengths.dim() == 1
+        and data.dim() > 0
+        and grad.shape[0] == lengths.shape[0]
+        and _tile(lengths, data.shape[0])  # the kernel checks the rest (axis, unsafe)
+    )
+    if not tiled:
+        return _backward_linear(primals, tangents)
+    out = call(aten._segment_reduce_backward.default, primals)
+    if reduce == "mean":
+        d_grad = d_grad / lengths.clamp_min(1).reshape(-1, *[1] * (d_grad.dim() - 1)).to(d_grad.dtype)
+    return out, d_grad.repeat_interleave(lengths, dim=0).reshape(out.shape)
+
+
 @builtin(
     aten._segment_reduce_backward.default,
     samples=lambda device, dtype: _segment_reduce_backward_samples(device, dtype),
 )
-@with_tangent_rule(
-    multilinear(
-        aten._segment_reduce_backward.default, (("grad",),), constant=("output", "data"), declines=_not_linear(3, 7)
-    )
-)
+@with_tangent_rule(_segment_reduce_backward_rule)
 def segment_reduce_backward(
     grad: torch.Tensor,
     output: torch.Tensor,
