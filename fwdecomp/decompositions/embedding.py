@@ -51,7 +51,7 @@ from fwdecomp._torch import OpOverload
 from fwdecomp.contract import meta_shapes_unreliable
 from fwdecomp.decompositions import builtin
 from fwdecomp.registry import Sample
-from fwdecomp.tangent_rules import TangentRule, multilinear, with_tangent_rule
+from fwdecomp.tangent_rules import TangentRule, in_place, multilinear, with_tangent_rule
 
 aten = torch.ops.aten
 
@@ -296,6 +296,36 @@ def _frequency_counts(indices: torch.Tensor, num_weights: int) -> torch.Tensor:
     return counts[ordered[rank]]
 
 
+def _bag_rows(
+    indices: torch.Tensor,
+    offset2bag: torch.Tensor,
+    bag_size: torch.Tensor,
+    num_weights: int,
+    scale_grad_by_freq: bool,
+    mode: int,
+    dtype: torch.dtype,
+    padding_idx: int,
+    per_position: list[torch.Tensor | None],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, list[torch.Tensor | None]]:
+    """Sum / mean: ``(indices, bags, scale, per_position)`` of the rows the weight's gradient adds up:
+    row ``k`` is ``grad[bags[k]] * scale[k]`` (times a per-sample weight) added at ``indices[k]``;
+    positions at ``padding_idx`` dropped, from ``per_position`` (per-sample weights) too."""
+    indices, bags = indices.to(torch.int64), offset2bag.to(torch.int64)
+    scale = None
+    if scale_grad_by_freq:
+        scale = 1 / _frequency_counts(indices, num_weights).to(dtype)
+    if mode == MEAN:
+        sizes = bag_size.to(dtype)
+        per_bag = torch.where(sizes != 0, 1 / torch.where(sizes != 0, sizes, 1), 1)[bags]
+        scale = per_bag if scale is None else scale * per_bag
+    if padding_idx >= 0:
+        keep = indices != padding_idx
+        indices, bags = indices[keep], bags[keep]
+        scale = None if scale is None else scale[keep]
+        per_position = [None if value is None else value[keep] for value in per_position]
+    return indices, bags, scale, per_position
+
+
 def _dense_backward(
     grad: torch.Tensor,
     indices: torch.Tensor,
@@ -312,25 +342,61 @@ def _dense_backward(
         chosen = _chosen_maxima(bag_size, maximum_indices, grad.shape[0])
         index = torch.where(chosen, maximum_indices.to(torch.int64), 0)
         return grad.new_zeros(num_weights, grad.shape[1]).scatter_add(0, index, torch.where(chosen, grad, 0))
-    indices, bags = indices.to(torch.int64), offset2bag.to(torch.int64)
-    scale = None
-    if scale_grad_by_freq:
-        scale = 1 / _frequency_counts(indices, num_weights).to(grad.dtype)
-    if mode == MEAN:
-        sizes = bag_size.to(grad.dtype)
-        per_bag = torch.where(sizes != 0, 1 / torch.where(sizes != 0, sizes, 1), 1)[bags]
-        scale = per_bag if scale is None else scale * per_bag
-    if padding_idx >= 0:
-        keep = indices != padding_idx
-        indices, bags = indices[keep], bags[keep]
-        scale = None if scale is None else scale[keep]
-        per_sample_weights = None if per_sample_weights is None else per_sample_weights[keep]
+    indices, bags, scale, (per_sample_weights,) = _bag_rows(
+        indices,
+        offset2bag,
+        bag_size,
+        num_weights,
+        scale_grad_by_freq,
+        mode,
+        grad.dtype,
+        padding_idx,
+        [per_sample_weights],
+    )
     rows = grad.index_select(0, bags)
     if per_sample_weights is not None:
         rows = rows * per_sample_weights.unsqueeze(1)
     if scale is not None:
         rows = rows * scale.unsqueeze(1)
     return grad.new_zeros(num_weights, grad.shape[1]).index_add(0, indices, rows)
+
+
+def _backward_rule(primals: list, tangents: list):
+    """Sum / mean, dense: the kernel for the weight's gradient; its tangent, bilinear in ``grad`` and
+    ``per_sample_weights``, from one ``index_add`` of the rows ``d_grad[bag] psw + grad[bag] d_psw``
+    (times the mean's and the frequency's scale). Max and ``sparse=True``: the decomposition."""
+    grad, indices, _, offset2bag, bag_size, _, num_weights, scale_grad_by_freq, mode, sparse, psw = primals[:11]
+    d_grad, d_psw = tangents[0], tangents[10]
+    if sparse or mode == MAX or any(t is not None for i, t in enumerate(tangents) if i not in (0, 10)):
+        return NotImplemented
+    out = aten._embedding_bag_backward(*primals)
+    if d_grad is None and d_psw is None:
+        return out, None
+    indices, offsets = _promote(indices, primals[2])
+    indices, bags, scale, (psw, d_psw) = _bag_rows(
+        indices,
+        _offset2bag(indices, offsets, offset2bag),
+        bag_size,
+        num_weights,
+        scale_grad_by_freq,
+        mode,
+        grad.dtype,
+        primals[11],
+        [psw, d_psw],
+    )
+    rows = None
+    if d_grad is not None:
+        rows = d_grad.index_select(0, bags)
+        if psw is not None:
+            rows = in_place(rows, "mul", psw.unsqueeze(1))
+    if d_psw is not None:
+        weighted = grad.index_select(0, bags)
+        weighted = in_place(weighted, "mul", d_psw.unsqueeze(1))
+        rows = weighted if rows is None else in_place(rows, "add", weighted)
+    if scale is not None:
+        rows = in_place(rows, "mul", scale.unsqueeze(1))
+    # in place, into zeros made from ``rows`` (batched like them under vmap)
+    return out, rows.new_zeros(num_weights, rows.shape[1]).index_add_(0, indices, rows)
 
 
 def _forward_results(device: str, dtype: torch.dtype) -> Iterator[tuple[Sample, tuple[torch.Tensor, ...]]]:
@@ -400,6 +466,7 @@ def _backward_samples(device: str, dtype: torch.dtype) -> Iterator[Sample]:
 
 
 @builtin(aten._embedding_bag_backward.default, samples=_backward_samples)
+@with_tangent_rule(_backward_rule)
 def embedding_bag_backward(
     grad: torch.Tensor,
     indices: torch.Tensor,
