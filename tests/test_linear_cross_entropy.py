@@ -77,3 +77,36 @@ def test_label_smoothing_with_tangents_raises_clearly(enabled):
 
     with pytest.raises(Exception, match=r"label_smoothing=0\.1 is not supported"):
         torch.func.jvp(call, (x,), (torch.ones_like(x),))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_no_reduction_rule_under_vmap_over_the_inputs(enabled, bias):
+    """The no-reduction rule writes each chunk's logits into one buffer (``out=``); vmap over the inputs
+    (no batching rule for ``out=``) falls back to new tensors: per-sample losses and tangents as the
+    decomposition gives them, and as F.cross_entropy on explicit logits does."""
+    from fwdecomp import tangent_rules
+
+    gen = torch.Generator().manual_seed(1)
+    xs = torch.randn(3, 8, 5, dtype=f64, generator=gen)
+    w, b = torch.randn(4, 5, dtype=f64, generator=gen), torch.randn(4, dtype=f64, generator=gen)
+    dx = torch.randn(8, 5, dtype=f64, generator=gen)
+    y = torch.tensor([0, 3, 1, 1, 2, 3, 0, 2])
+    bias_or_none = b if bias else None
+
+    def loss(x):
+        return F.linear_cross_entropy(x, w, y, linear_bias=bias_or_none, reduction="none", options=_options())
+
+    def batched():
+        return torch.func.vmap(lambda x: torch.func.jvp(loss, (x,), (dx,)))(xs)
+
+    values, tangents = batched()
+    with tangent_rules.disabled():
+        ref_values, ref_tangents = batched()
+    torch.testing.assert_close(values, ref_values)
+    torch.testing.assert_close(tangents, ref_tangents)
+    explicit = torch.func.vmap(
+        lambda x: torch.func.jvp(
+            lambda a: F.cross_entropy(F.linear(a, w, bias_or_none), y, reduction="none"), (x,), (dx,)
+        )
+    )(xs)
+    torch.testing.assert_close(tangents, explicit[1])

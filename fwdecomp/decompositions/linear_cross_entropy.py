@@ -213,6 +213,24 @@ def _scalar_rule(primals: list, tangents: list):
     return (loss, *empties), (None if tangent is None else tangent.to(loss.dtype), None, None, None)
 
 
+def _logits(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, buffer: torch.Tensor | bool | None, rows: int
+) -> tuple[torch.Tensor, torch.Tensor | bool]:
+    """A chunk's logits, written into ``buffer`` (made on the first chunk, ``rows x classes``) so that
+    every chunk reuses its pages: a new multi-MB block each chunk costs page faults, more than the
+    softmax pass over it. ``False``: ``out=`` was refused (``vmap`` over the inputs), allocate."""
+    if buffer is not False:
+        if buffer is None:
+            buffer = x.new_empty(rows, weight.shape[0])
+        try:
+            if bias is None:
+                return torch.mm(x, weight.mT, out=buffer[: x.shape[0]]), buffer
+            return torch.addmm(bias, x, weight.mT, out=buffer[: x.shape[0]]), buffer
+        except RuntimeError:  # no batching rule for out= variants
+            buffer = False
+    return (x @ weight.mT if bias is None else torch.addmm(bias, x, weight.mT)), buffer
+
+
 def _no_reduction_rule(primals: list, tangents: list):
     """Per-sample losses and their tangents, chunk by chunk like the kernel (the logits never whole).
 
@@ -234,22 +252,27 @@ def _no_reduction_rule(primals: list, tangents: list):
     width = linear_weight.shape[1]
     losses, parts = [], []
     step = max(int(chunk), 1)
+    buffer: torch.Tensor | bool | None = None
     for start in range(0, input.shape[0], step):
         rows = slice(start, start + step)
         x, t = input[rows], safe_target[rows]
-        logits = x @ linear_weight.mT if linear_bias is None else torch.addmm(linear_bias, x, linear_weight.mT)
-        normalizer = logits.logsumexp(1)
-        losses.append(normalizer - logits.gather(1, t.unsqueeze(1)).squeeze(1))
-        # the softmax from the log-sum-exp, in place: one exponential pass over the chunk's logits, not two
-        p = in_place(in_place(logits, "sub", normalizer.unsqueeze(1)), "exp")
+        logits, buffer = _logits(x, linear_weight, linear_bias, buffer, min(step, input.shape[0]))
+        picked = logits.gather(1, t.unsqueeze(1)).squeeze(1)
+        # log-sum-exp and softmax from one exponential pass, in place over the chunk's logits: the
+        # shift by the row's largest logit, then exp (a row with an infinite logit gives NaN either
+        # way); the softmax's division is left to the products' rows (chunk x width, not x classes)
+        peak = logits.amax(1, keepdim=True)
+        e = in_place(in_place(logits, "sub", peak), "exp")
+        total = e.sum(1)
+        losses.append(peak.squeeze(1) + total.log() - picked)
         tangent = torch.zeros_like(losses[-1])
         if stacked is not None:
-            weighted = p @ stacked
+            weighted = in_place(e @ stacked, "div", total.unsqueeze(1))
             for k, (m, partner) in enumerate(pairs):
                 seen = (weighted[:, k * width : (k + 1) * width] * partner[rows]).sum(1)
                 tangent = tangent + seen - (m[t] * partner[rows]).sum(1)
         if d_bias is not None:
-            tangent = tangent + p @ d_bias - d_bias[t]
+            tangent = tangent + (e @ d_bias) / total - d_bias[t]
         parts.append(tangent)
     if not parts:
         empty = input.new_zeros((0,))
