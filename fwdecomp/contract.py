@@ -284,24 +284,36 @@ def check_arguments(op: OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any
         _accepted.store(key, None)
 
 
+def _returns(op: OpOverload) -> tuple[tuple[str, str], ...]:
+    """Per return of ``op``: its type as the schema writes it and its label in messages (read once:
+    ``schema.returns`` builds new objects on every access)."""
+    found = _returns_of.get(op)
+    if found is None:
+        found = _returns_of[op] = tuple(
+            (str(ret.type), f"output {index}" + (f" ({ret.name!r})" if ret.name else ""))
+            for index, ret in enumerate(schema_of(op).returns)
+        )
+    return found
+
+
+_returns_of: dict[OpOverload, tuple[tuple[str, str], ...]] = {}
+
+
 def check_results(op: OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any], results: list[Any]) -> None:
     """Raise :class:`DecompositionError` unless ``results`` is what ``op`` would return."""
-    schema = schema_of(op)
-    name = qualified_name(op)
-    for index, (ret, value) in enumerate(zip(schema.returns, results)):
-        label = f"output {index}" + (f" ({ret.name!r})" if ret.name else "")
-        kind = str(ret.type)
+    returns = _returns(op)
+    for (kind, label), value in zip(returns, results):
         if kind in ("Tensor", "Optional[Tensor]"):
             # None is an undefined tensor, which kernels return for outputs an output_mask leaves out.
             if not isinstance(value, torch.Tensor) and value is not None:
                 raise DecompositionError(
-                    f"fwdecomp: the decomposition of {name} returned {type(value).__name__} for "
+                    f"fwdecomp: the decomposition of {qualified_name(op)} returned {type(value).__name__} for "
                     f"{label}; the schema says {kind}. Fix the registered decomposition."
                 )
         elif kind.startswith("List[") and "Tensor" in kind:
             if not isinstance(value, (list, tuple)):
                 raise DecompositionError(
-                    f"fwdecomp: the decomposition of {name} returned {type(value).__name__} for "
+                    f"fwdecomp: the decomposition of {qualified_name(op)} returned {type(value).__name__} for "
                     f"{label}; the schema says {kind}. Fix the registered decomposition."
                 )
     if op in _unreliable_meta:
@@ -309,16 +321,18 @@ def check_results(op: OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any],
     expected = _expected(op, args, kwargs)
     if expected is None:
         return
-    for index, (want, value) in enumerate(zip(expected, results)):
-        got = _describe(value)
-        ret = schema.returns[index]
-        label = f"output {index}" + (f" ({ret.name!r})" if ret.name else "")
-        if value is None and want is not None:
+    for (_, label), want, value in zip(returns, expected, results):
+        if want is None:
+            continue
+        if value is None:
+            name = qualified_name(op)
             raise DecompositionError(
                 f"fwdecomp: the decomposition of {name} returned None for {label}, but {name} "
                 f"returns a tensor {want} for these inputs. Fix the registered decomposition."
             )
-        if want is not None and got is not None and got != want:
+        got = _describe(value)
+        if got is not None and got != want:
+            name = qualified_name(op)
             raise DecompositionError(
                 f"fwdecomp: the decomposition of {name} returned {label} with "
                 f"(shape, dtype) = {got}, but {name} returns {want} for these inputs. "
