@@ -285,18 +285,22 @@ def check_arguments(op: OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any
 
 
 def _returns(op: OpOverload) -> tuple[tuple[str, str], ...]:
-    """Per return of ``op``: its type as the schema writes it and its label in messages (read once:
-    ``schema.returns`` builds new objects on every access)."""
+    """Per return of ``op``: its type as the schema writes it and its label in messages (read once
+    per schema object: ``schema.returns`` builds new objects on every access)."""
+    schema = schema_of(op)
     found = _returns_of.get(op)
-    if found is None:
-        found = _returns_of[op] = tuple(
-            (str(ret.type), f"output {index}" + (f" ({ret.name!r})" if ret.name else ""))
-            for index, ret in enumerate(schema_of(op).returns)
+    if found is None or found[0] is not schema:
+        found = _returns_of[op] = (
+            schema,
+            tuple(
+                (str(ret.type), f"output {index}" + (f" ({ret.name!r})" if ret.name else ""))
+                for index, ret in enumerate(schema.returns)
+            ),
         )
-    return found
+    return found[1]
 
 
-_returns_of: dict[OpOverload, tuple[tuple[str, str], ...]] = {}
+_returns_of: dict[OpOverload, tuple[torch.FunctionSchema, tuple[tuple[str, str], ...]]] = {}
 
 
 def check_results(op: OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any], results: list[Any]) -> None:
