@@ -539,7 +539,10 @@ _backward_linear = multilinear(
 
 
 def _tile(lengths: torch.Tensor, size: int) -> bool:
-    """Whether ``lengths`` add up to ``size`` (``False`` where that cannot be read: ``vmap`` over them)."""
+    """Whether ``lengths`` add up to ``size`` (CPU only: reading the sum would make a CUDA call wait
+    for the device; ``False`` where it cannot be read: ``vmap`` over them)."""
+    if lengths.device.type != "cpu":
+        return False
     try:
         return int(lengths.sum()) == size
     except RuntimeError:  # data-dependent control flow under vmap
