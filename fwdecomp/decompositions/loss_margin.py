@@ -102,8 +102,10 @@ def _check_multi_margin(
         )
     if weight is not None and (weight.dim() > 1 or weight.numel() != classes):
         raise RuntimeError(f"inconsistent weight size, expected {classes} but got {list(weight.shape)}")
-    if target.numel() and bool(((target < 0) | (target >= classes)).any()):
-        raise RuntimeError("target out of range")
+    if target.numel():
+        lowest, highest = torch.aminmax(target)
+        if int(lowest) < 0 or int(highest) >= classes:
+            raise RuntimeError("target out of range")
 
 
 def _margins(x: torch.Tensor, target: torch.Tensor, margin: float) -> torch.Tensor:
@@ -157,12 +159,11 @@ def multi_margin_loss(
     """Multi-class hinge loss, as ``F.multi_margin_loss``."""
     x = _frames(self, "multi_margin_loss")
     _check_multi_margin(x, self, target, p, weight)
-    classes = x.shape[1]
     hinge = torch.relu(_margins(x, target, margin))  # derivative 0 at the kink, as PyTorch's
     if p == 2:
         hinge = hinge * hinge
     hinge = hinge.scatter(1, target.reshape(-1, 1), 0)  # d == y is no margin
-    per_frame = aten.div.Scalar(hinge.sum(1), classes)
+    per_frame = hinge.mean(1)  # the sum over the classes, divided by their number
     if weight is not None:
         per_frame = per_frame * weight.detach()[target.reshape(-1)]
     return _reduce(per_frame, reduction, _multi_margin_output_shape(self, target))
