@@ -325,8 +325,11 @@ def _pdist_backward_rule(primals: list, tangents: list):
     upper = values.new_zeros(count, rows * rows).index_copy_(1, _flat_pairs(rows, x.device), values)
     upper = upper.view(count, rows, rows)
     points = torch.stack([points for _, points in pairs])
-    degree = (upper.sum(2) + upper.sum(1)).unsqueeze(2)
-    return out, (degree * points - torch.baddbmm(upper.mT @ points, upper, points)).sum(0)
+    # a column of ones beside the points: the products give W points and W's row sums (the degree) at once
+    extended = torch.cat([points, points.new_ones((*points.shape[:-1], 1))], -1)
+    products = torch.baddbmm(upper.mT @ extended, upper, extended)
+    width = points.shape[-1]
+    return out, (products[..., width:] * points - products[..., :width]).sum(0)
 
 
 @builtin(aten._pdist_backward.default, samples=_pdist_backward_samples)
