@@ -94,6 +94,12 @@ def _offset2bag(indices: torch.Tensor, offsets: torch.Tensor, computed: torch.Te
     return starts.cumsum(0, dtype=offsets.dtype)[:-1]
 
 
+def _bags(indices: torch.Tensor, offsets: torch.Tensor, offset2bag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(indices, bag of each index)`` for the backward operators: promoted as the kernel promotes them."""
+    indices, offsets = _promote(indices, offsets)
+    return indices, _offset2bag(indices, offsets, offset2bag)
+
+
 def _chosen_maxima(bag_size: torch.Tensor, max_indices: torch.Tensor, num_bags: int) -> torch.Tensor:
     """Where ``max_indices`` names a row: not in empty bags (CPU: any value there; CUDA: -1)."""
     return (bag_size[:num_bags] > 0).unsqueeze(1) & (max_indices >= 0)
@@ -326,41 +332,6 @@ def _bag_rows(
     return indices, bags, scale, per_position
 
 
-def _dense_backward(
-    grad: torch.Tensor,
-    indices: torch.Tensor,
-    offset2bag: torch.Tensor,
-    bag_size: torch.Tensor,
-    maximum_indices: torch.Tensor,
-    num_weights: int,
-    scale_grad_by_freq: bool,
-    mode: int,
-    per_sample_weights: torch.Tensor | None,
-    padding_idx: int,
-) -> torch.Tensor:
-    if mode == MAX:
-        chosen = _chosen_maxima(bag_size, maximum_indices, grad.shape[0])
-        index = torch.where(chosen, maximum_indices.to(torch.int64), 0)
-        return grad.new_zeros(num_weights, grad.shape[1]).scatter_add(0, index, torch.where(chosen, grad, 0))
-    indices, bags, scale, (per_sample_weights,) = _bag_rows(
-        indices,
-        offset2bag,
-        bag_size,
-        num_weights,
-        scale_grad_by_freq,
-        mode,
-        grad.dtype,
-        padding_idx,
-        [per_sample_weights],
-    )
-    rows = grad.index_select(0, bags)
-    if per_sample_weights is not None:
-        rows = rows * per_sample_weights.unsqueeze(1)
-    if scale is not None:
-        rows = rows * scale.unsqueeze(1)
-    return grad.new_zeros(num_weights, grad.shape[1]).index_add(0, indices, rows)
-
-
 def _backward_rule(primals: list, tangents: list):
     """Sum / mean, dense: the kernel for the weight's gradient; its tangent, bilinear in ``grad`` and
     ``per_sample_weights``, from one ``index_add`` of the rows ``d_grad[bag] psw + grad[bag] d_psw``
@@ -372,10 +343,10 @@ def _backward_rule(primals: list, tangents: list):
     out = aten._embedding_bag_backward(*primals)
     if d_grad is None and d_psw is None:
         return out, None
-    indices, offsets = _promote(indices, primals[2])
+    indices, bags = _bags(indices, primals[2], offset2bag)
     indices, bags, scale, (psw, d_psw) = _bag_rows(
         indices,
-        _offset2bag(indices, offsets, offset2bag),
+        bags,
         bag_size,
         num_weights,
         scale_grad_by_freq,
@@ -432,18 +403,27 @@ def embedding_bag_dense_backward(
     padding_idx: int = -1,
 ) -> torch.Tensor:
     """Gradient of the embedding-bag output with respect to the (dense) weight."""
-    return _dense_backward(
-        grad,
+    if mode == MAX:
+        chosen = _chosen_maxima(bag_size, maximum_indices, grad.shape[0])
+        index = torch.where(chosen, maximum_indices.to(torch.int64), 0)
+        return grad.new_zeros(num_weights, grad.shape[1]).scatter_add(0, index, torch.where(chosen, grad, 0))
+    indices, bags, scale, (per_sample_weights,) = _bag_rows(
         indices,
         offset2bag,
         bag_size,
-        maximum_indices,
         num_weights,
         scale_grad_by_freq,
         mode,
-        per_sample_weights,
+        grad.dtype,
         padding_idx,
+        [per_sample_weights],
     )
+    rows = grad.index_select(0, bags)
+    if per_sample_weights is not None:
+        rows = rows * per_sample_weights.unsqueeze(1)
+    if scale is not None:
+        rows = rows * scale.unsqueeze(1)
+    return grad.new_zeros(num_weights, grad.shape[1]).index_add(0, indices, rows)
 
 
 def _backward_samples(device: str, dtype: torch.dtype) -> Iterator[Sample]:
@@ -488,9 +468,8 @@ def embedding_bag_backward(
             "carry tangents on the sparse gradient it builds. Use sparse=False (the default) for "
             "forward-over-reverse (torch.func.hessian, jvp(grad(f)))."
         )
-    indices, offsets = _promote(indices, offsets)
-    bags = _offset2bag(indices, offsets, offset2bag)
-    return _dense_backward(
+    indices, bags = _bags(indices, offsets, offset2bag)
+    return embedding_bag_dense_backward(
         grad,
         indices,
         bags,
