@@ -296,7 +296,10 @@ def call(op: OpOverload, primals: list[Any]) -> Any:
         >>> out.shape
         torch.Size([1, 1, 2, 4])
     """
-    args, kwargs = stack_to_arguments(schema_of(op), list(primals))
+    schema = schema_of(op)
+    if not layout(schema).kwarg_only:  # every argument positional: no conversion
+        return op(*primals)
+    args, kwargs = stack_to_arguments(schema, list(primals))
     return op(*args, **kwargs)
 
 

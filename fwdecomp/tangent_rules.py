@@ -255,15 +255,6 @@ def _add_outputs(left: Any, right: Any) -> Any:
     return left + right
 
 
-def _positional_call(op: OpOverload) -> Callable[[list[Any]], Any]:
-    """``jvp_rules.call(op, ...)`` for an operator without keyword-only arguments (no conversion)."""
-
-    def call(arguments: list[Any]) -> Any:
-        return op(*arguments)
-
-    return call
-
-
 def multilinear(
     op: OpOverload,
     groups: tuple[tuple[str, ...], ...],
@@ -289,7 +280,7 @@ def multilinear(
     positions = tuple(tuple(names.index(n) for n in group) for group in groups)
     covered = {i for group in positions for i in group} | {names.index(n) for n in constant}
     uncovered = tuple(i for i in range(len(names)) if i not in covered)
-    call = functools.partial(jvp_rules.call, op) if layout(schema_of(op)).kwarg_only else _positional_call(op)
+    call = functools.partial(jvp_rules.call, op)
 
     def rule(primals: list[Any], tangents: list[Any]) -> Any:
         if any(tangents[i] is not None for i in uncovered):
