@@ -36,6 +36,7 @@ from typing import Any, Callable
 import torch
 
 from fwdecomp._torch import OpOverload, qualified_name, schema_of
+from fwdecomp.stack import layout
 
 __all__ = [
     "DecompositionError",
@@ -284,61 +285,48 @@ def check_arguments(op: OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any
         _accepted.store(key, None)
 
 
-def _returns(op: OpOverload) -> tuple[tuple[str, str], ...]:
-    """Per return of ``op``: its type as the schema writes it and its label in messages (read once
-    per schema object: ``schema.returns`` builds new objects on every access)."""
-    schema = schema_of(op)
-    found = _returns_of.get(op)
-    if found is None or found[0] is not schema:
-        found = _returns_of[op] = (
-            schema,
-            tuple(
-                (str(ret.type), f"output {index}" + (f" ({ret.name!r})" if ret.name else ""))
-                for index, ret in enumerate(schema.returns)
-            ),
-        )
-    return found[1]
-
-
-_returns_of: dict[OpOverload, tuple[torch.FunctionSchema, tuple[tuple[str, str], ...]]] = {}
+def _label(names: tuple[str, ...], index: int) -> str:
+    """How a message names output ``index`` (with its schema name, if it has one)."""
+    return f"output {index}" + (f" ({names[index]!r})" if names[index] else "")
 
 
 def check_results(op: OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any], results: list[Any]) -> None:
     """Raise :class:`DecompositionError` unless ``results`` is what ``op`` would return."""
-    returns = _returns(op)
-    for (kind, label), value in zip(returns, results):
+    shape = layout(schema_of(op))  # the return types, read once per schema
+    names = shape.return_names
+    for index, (kind, value) in enumerate(zip(shape.return_types, results)):
         if kind in ("Tensor", "Optional[Tensor]"):
             # None is an undefined tensor, which kernels return for outputs an output_mask leaves out.
             if not isinstance(value, torch.Tensor) and value is not None:
                 raise DecompositionError(
                     f"fwdecomp: the decomposition of {qualified_name(op)} returned {type(value).__name__} for "
-                    f"{label}; the schema says {kind}. Fix the registered decomposition."
+                    f"{_label(names, index)}; the schema says {kind}. Fix the registered decomposition."
                 )
         elif kind.startswith("List[") and "Tensor" in kind:
             if not isinstance(value, (list, tuple)):
                 raise DecompositionError(
                     f"fwdecomp: the decomposition of {qualified_name(op)} returned {type(value).__name__} for "
-                    f"{label}; the schema says {kind}. Fix the registered decomposition."
+                    f"{_label(names, index)}; the schema says {kind}. Fix the registered decomposition."
                 )
     if op in _unreliable_meta:
         return
     expected = _expected(op, args, kwargs)
     if expected is None:
         return
-    for (_, label), want, value in zip(returns, expected, results):
+    for index, (want, value) in enumerate(zip(expected, results)):
         if want is None:
             continue
         if value is None:
             name = qualified_name(op)
             raise DecompositionError(
-                f"fwdecomp: the decomposition of {name} returned None for {label}, but {name} "
+                f"fwdecomp: the decomposition of {name} returned None for {_label(names, index)}, but {name} "
                 f"returns a tensor {want} for these inputs. Fix the registered decomposition."
             )
         got = _describe(value)
         if got is not None and got != want:
             name = qualified_name(op)
             raise DecompositionError(
-                f"fwdecomp: the decomposition of {name} returned {label} with "
+                f"fwdecomp: the decomposition of {name} returned {_label(names, index)} with "
                 f"(shape, dtype) = {got}, but {name} returns {want} for these inputs. "
                 "Fix the registered decomposition so it matches PyTorch's kernel."
             )

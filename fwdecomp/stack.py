@@ -53,6 +53,8 @@ class Layout(NamedTuple):
     positional: int  # arguments before the first keyword-only one
     kwarg_only: tuple[str, ...]  # names of the keyword-only arguments, in order
     returns: int  # how many values the operator returns
+    return_types: tuple[str, ...]  # each return's type as the schema writes it ("Tensor", "List[Tensor]", ...)
+    return_names: tuple[str, ...]  # each return's name ("" if unnamed)
     holds_tensors: tuple[bool, ...]  # per argument: Tensor, Tensor?, Tensor[] or Tensor?[]
 
 
@@ -76,6 +78,8 @@ def layout(schema: torch.FunctionSchema) -> Layout:
                 positional=positional,
                 kwarg_only=tuple(a.name for a in arguments[positional:]),
                 returns=len(schema.returns),
+                return_types=tuple(str(ret.type) for ret in schema.returns),
+                return_names=tuple(ret.name or "" for ret in schema.returns),
                 holds_tensors=tuple(is_tensor_type(a.type) for a in arguments),
             ),
         )
