@@ -7,6 +7,8 @@ mode agree.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 
@@ -73,3 +75,16 @@ def p_norm_gradient(diff: torch.Tensor, dist: torch.Tensor, p: float) -> torch.T
         return torch.where(positive, diff / safe_dist, 0)
     scale = safe_pow(diff.abs(), p - 1) / safe_dist.pow(p - 1)
     return torch.where(positive, diff.sign() * scale, 0)
+
+
+def known_on_cpu(tensor: torch.Tensor, test: Callable[[torch.Tensor], torch.Tensor]) -> bool:
+    """``bool(test(tensor))`` where reading it costs nothing much: ``False`` for a tensor off the CPU
+    (the read would make the call wait for the device) and where it cannot be read (``vmap`` over
+    ``tensor``: data-dependent control flow). For a rule's fast path that holds only when ``test``
+    says so."""
+    if tensor.device.type != "cpu":
+        return False
+    try:
+        return bool(test(tensor))
+    except RuntimeError:  # data-dependent control flow under vmap
+        return False

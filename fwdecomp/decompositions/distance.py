@@ -25,7 +25,7 @@ import torch
 
 from fwdecomp._torch import dispatch_modes_active, outside_functorch
 from fwdecomp.decompositions import builtin
-from fwdecomp.decompositions._util import p_norm_gradient, p_norm_of_differences, safe_sqrt
+from fwdecomp.decompositions._util import known_on_cpu, p_norm_gradient, p_norm_of_differences, safe_sqrt
 from fwdecomp.registry import Sample
 from fwdecomp.tangent_rules import with_tangent_rule
 
@@ -88,12 +88,7 @@ def _gram_sqrt(squared: torch.Tensor) -> torch.Tensor:
 def _all_positive(distance: torch.Tensor) -> bool:
     """Whether every distance is known to be > 0 (CPU only; ``False`` where the check cannot run:
     inside ``vmap`` over the distances)."""
-    if distance.device.type != "cpu" or not distance.numel():
-        return False
-    try:
-        return bool(distance.min() > 0)
-    except RuntimeError:  # data-dependent control flow under vmap
-        return False
+    return distance.numel() > 0 and known_on_cpu(distance, lambda d: d.min() > 0)
 
 
 def _divide_where_positive(

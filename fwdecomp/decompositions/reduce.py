@@ -53,6 +53,7 @@ import torch
 
 from fwdecomp.contract import meta_agrees, meta_shapes_unreliable
 from fwdecomp.decompositions import builtin
+from fwdecomp.decompositions._util import known_on_cpu
 from fwdecomp.jvp_rules import call
 from fwdecomp.registry import Sample
 from fwdecomp.tangent_rules import multilinear, with_tangent_rule
@@ -538,17 +539,6 @@ _backward_linear = multilinear(
 )
 
 
-def _tile(lengths: torch.Tensor, size: int) -> bool:
-    """Whether ``lengths`` add up to ``size`` (CPU only: reading the sum would make a CUDA call wait
-    for the device; ``False`` where it cannot be read: ``vmap`` over them)."""
-    if lengths.device.type != "cpu":
-        return False
-    try:
-        return int(lengths.sum()) == size
-    except RuntimeError:  # data-dependent control flow under vmap
-        return False
-
-
 def _segment_reduce_backward_rule(primals: list, tangents: list):
     """sum / mean (linear in ``grad``, constant in ``output`` and ``data``): the kernel for the output;
     where 1-D ``lengths`` tile the whole axis, the tangent is ``grad``'s repeated over each segment
@@ -565,7 +555,7 @@ def _segment_reduce_backward_rule(primals: list, tangents: list):
         and lengths.dim() == 1
         and data.dim() > 0
         and grad.shape[0] == lengths.shape[0]
-        and _tile(lengths, data.shape[0])  # the kernel checks the rest (axis, unsafe)
+        and known_on_cpu(lengths, lambda n: n.sum() == data.shape[0])  # the kernel checks the rest (axis, unsafe)
     )
     if not tiled:
         return _backward_linear(primals, tangents)
