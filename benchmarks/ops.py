@@ -11,7 +11,10 @@ repeats of:
 
 - ``primal``: the operator without tangents, fwdecomp disabled (PyTorch's kernel);
 - ``overhead``: what fwdecomp's routing adds to a call *without* tangents
-  (enabled minus disabled; goal < 5 µs and < 2 % at the realistic size);
+  (enabled minus disabled, the two timed alternately on their own; goal < 5 µs
+  and < 2 % at the realistic size); the header says which router was used
+  (``FWDECOMP_ROUTER=python`` measures the Python kernels alone, see
+  :mod:`fwdecomp.router`);
 - ``JVP forward_ad`` / ``JVP func.jvp``: the JVP through fwdecomp, and its ratio to the primal;
 - ``1st input only``: ``forward_ad`` with a tangent on the first input only (the
   others plain), with the eager backend's materialised zero tangents on and off:
@@ -39,7 +42,7 @@ from torch.autograd import forward_ad
 import fwdecomp
 from benchmarks._common import Variant, format_seconds, markdown_table, measure
 from benchmarks.sizes import SIZE_NAMES, benchmark_sample
-from fwdecomp import _torch, autograd, zero_tensors
+from fwdecomp import _torch, autograd, router, zero_tensors
 from fwdecomp.checks import differentiable_positions, sample_function
 from fwdecomp.interface import get_impl
 
@@ -165,6 +168,18 @@ def _disagreement(variants: dict[str, Variant]) -> str:
     return ""
 
 
+def _overhead(variants: dict[str, Variant], repeats: int, min_batch: float) -> float | str:
+    """What routing adds to a call without tangents: the primal with and without fwdecomp's kernels.
+
+    Timed on their own, alternating (the JVP variants between them would leave the
+    allocator in another state each time: +-20 µs at the realistic size, more than the check).
+    """
+    pair = measure({name: variants[name] for name in ("primal", "primal routed")}, max(repeats, 11), min_batch)
+    if isinstance(pair["primal"], float) and isinstance(pair["primal routed"], float):
+        return pair["primal routed"] - pair["primal"]
+    return pair["primal routed"] if isinstance(pair["primal routed"], str) else pair["primal"]
+
+
 def benchmark(sizes: tuple[str, ...], repeats: int, min_batch: float, dtype: torch.dtype, only: str | None) -> list:
     rows = []
     fwdecomp.disable()
@@ -191,6 +206,7 @@ def benchmark(sizes: tuple[str, ...], repeats: int, min_batch: float, dtype: tor
                         times["double backward"] = (
                             f"n/a: wrong tangents ({wrong}; {format_seconds(times['double backward'])})"
                         )
+                times["overhead"] = _overhead(variants, repeats, min_batch)
                 rows.append({"operator": name, "size": size, "shape": sample.note, "how": how, "times": times})
                 autograd.uninstall(op)
     finally:
@@ -206,10 +222,9 @@ def render(rows: list) -> str:
             table.append([f"`{row['operator']}`", row.get("size", ""), row["note"]] + [""] * (len(COLUMNS) - 3))
             continue
         t = row["times"]
-        overhead = ""
-        if isinstance(t["primal"], float) and isinstance(t["primal routed"], float):
-            delta = t["primal routed"] - t["primal"]
-            overhead = f"{delta * 1e6:+.1f} µs ({100 * delta / t['primal']:+.1f}%)"
+        overhead = t["overhead"]
+        if isinstance(overhead, float) and isinstance(t["primal"], float):
+            overhead = f"{overhead * 1e6:+.1f} µs ({100 * overhead / t['primal']:+.1f}%)"
         size = f"{row['size']}: {row['shape']}" + ("" if row["how"] == "size table" else f" ({row['how']})")
         table.append(
             [
@@ -237,6 +252,14 @@ def summary(rows: list) -> str:
         if ratios:
             lines.append(
                 f"{size}: median JVP/primal ratio (forward_ad) {statistics.median(ratios):.2f} over {len(ratios)}"
+            )
+        routed = [(t["overhead"], t["primal"]) for t in timed if isinstance(t["overhead"], float)]
+        if routed:
+            added = [delta for delta, _ in routed]
+            lines.append(
+                f"{size}: routing overhead without tangents median {1e6 * statistics.median(added):+.1f} µs, "
+                f"max {1e6 * max(added):+.1f} µs; under 5 µs on {sum(d < 5e-6 for d in added)} of {len(routed)}, "
+                f"under 2% on {sum(d < 0.02 * primal for d, primal in routed)} of {len(routed)}"
             )
         both = [t for t in timed if isinstance(t["double backward"], float) and isinstance(t["forward_ad"], float)]
         faster = sum(t["forward_ad"] < t["double backward"] for t in both)
@@ -271,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     repeats, min_batch = (1, 0.0) if args.tiny else (args.repeats, 0.02)
     rows = benchmark(sizes, repeats, min_batch, getattr(torch, args.dtype), args.only)
     print(f"torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} threads, {args.dtype}")
+    print(f"fwdecomp: {router.status()}")
     print(render(rows))
     print()
     print(summary(rows))

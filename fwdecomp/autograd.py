@@ -44,7 +44,7 @@ from typing import Any, Callable
 
 import torch
 
-from fwdecomp import _torch
+from fwdecomp import _torch, router
 from fwdecomp._torch import (
     OpOverload,
     dual_level_active,
@@ -288,7 +288,12 @@ def _retire(handles: list[Any]) -> None:
 
 
 class _Override:
-    """The registrations that route one operator: one library, one kernel per key."""
+    """The registrations that route one operator: one library, one kernel per key.
+
+    With the compiled router (:mod:`fwdecomp.router`), each key also gets a route: a C++
+    kernel in front of the Python one that sends calls without tangents straight to
+    PyTorch's kernel.
+    """
 
     def __init__(self, op: OpOverload) -> None:
         self.op = op
@@ -296,24 +301,36 @@ class _Override:
         overload = schema_of(op).overload_name
         self.library = _torch.new_library(_torch.namespace(op))
         self.handles: list[Any] = []  # our kernels, owned here too (see RETIRE_SECONDS)
+        self.routes: list[int] = []
+        self.router = router.native()
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*[Oo]verrid.*")
                 for key in AUTOGRAD_KEYS:
                     original = _torch.original_kernel(op, key)
+                    route = router.begin(self.router, op, key) if self.router is not None else None
+                    if route is not None:
+                        self.routes.append(route)
                     self.library.impl(
                         f"{name}.{overload}" if overload else name,
                         _make_kernel(op, original),
                         key,
                         with_keyset=True,
                     )
+                    if route is not None:
+                        self.router.finish(route)
                     self.handles.append(_torch.original_kernel(op, key))
         except BaseException:
-            _torch.destroy_library(self.library)
+            self._unregister()
             raise
 
-    def remove(self) -> None:
+    def _unregister(self) -> None:
+        for route in self.routes:  # the routers first: they call the Python kernels
+            self.router.end(route)
         _torch.destroy_library(self.library)
+
+    def remove(self) -> None:
+        self._unregister()
         _retire(self.handles)
 
 

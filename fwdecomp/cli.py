@@ -2,8 +2,9 @@
 
 ``audit`` prints the operator inventory (see :mod:`fwdecomp.inventory`) and
 exits non-zero when a registered decomposition fails its numerical check.
-Other views of ``audit`` plug in with :func:`audit_view`: each adds one
-``--NAME`` flag that selects it.
+``router`` says which router fwdecomp's kernels use (``--build`` compiles the
+C++ one ahead of time; see :mod:`fwdecomp.router`). Other views of ``audit``
+plug in with :func:`audit_view`: each adds one ``--NAME`` flag that selects it.
 
 Example:
     >>> from fwdecomp.cli import main
@@ -124,7 +125,23 @@ def _parser() -> argparse.ArgumentParser:
             audit.add_argument(f"--{view.name}", action="store_true", help=view.help)
         if view.configure is not None:
             view.configure(audit)
+    routing = commands.add_parser("router", help="which router fwdecomp's kernels use; --build compiles it")
+    routing.add_argument("--build", action="store_true", help="build the compiled router now (cached)")
+    routing.add_argument("--verbose", action="store_true", help="show the compiler's output")
     return parser
+
+
+def _router(args: argparse.Namespace) -> int:
+    from fwdecomp import router
+
+    try:
+        if args.build:
+            router.build(verbose=args.verbose)
+        print(router.status())
+    except (router.RouterUnavailableError, ValueError) as error:
+        print(error, file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -138,6 +155,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if getattr(args, view.name.replace("-", "_")) not in (None, False):
                 return view.run(args)
         return _inventory(args)
+    if args.command == "router":
+        return _router(args)
     return 2
 
 

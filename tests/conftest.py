@@ -10,6 +10,13 @@ import torch
 import fwdecomp
 
 
+def pytest_report_header(config: pytest.Config) -> str:
+    """Which router the suite's kernels use (FWDECOMP_ROUTER; tests/test_router.py checks both)."""
+    from fwdecomp import router
+
+    return f"fwdecomp: {router.status()}"
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--run-slow", action="store_true", help="run the full (slow) sweeps too")
 
