@@ -11,10 +11,10 @@ repeats of:
 
 - ``primal``: the operator without tangents, fwdecomp disabled (PyTorch's kernel);
 - ``overhead``: what fwdecomp's routing adds to a call *without* tangents
-  (enabled minus disabled, the two timed alternately on their own; goal < 5 µs
-  and < 2 % at the realistic size); the header says which router was used
-  (``FWDECOMP_ROUTER=python`` measures the Python kernels alone, see
-  :mod:`fwdecomp.router`);
+  (goal < 5 µs and < 2 % at the realistic size), measured by
+  :mod:`benchmarks.overhead` in fresh processes with fwdecomp enabled once, with the
+  router ``enable()`` picks (the header says which; ``python -m benchmarks.overhead``
+  compares the Python kernels and the compiled router side by side);
 - ``JVP forward_ad`` / ``JVP func.jvp``: the JVP through fwdecomp, and its ratio to the primal;
 - ``1st input only``: ``forward_ad`` with a tangent on the first input only (the
   others plain), with the eager backend's materialised zero tangents on and off:
@@ -29,7 +29,6 @@ repeats of:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import platform
 import statistics
@@ -40,10 +39,10 @@ import torch
 from torch.autograd import forward_ad
 
 import fwdecomp
+from benchmarks import overhead
 from benchmarks._common import Variant, format_seconds, markdown_table, measure
-from benchmarks.sizes import SIZE_NAMES, benchmark_sample
+from benchmarks.sizes import SIZE_NAMES, benchmark_sample, prepared, runs_on_cpu
 from fwdecomp import _torch, autograd, router, zero_tensors
-from fwdecomp.checks import differentiable_positions, sample_function
 from fwdecomp.interface import get_impl
 
 COLUMNS = [
@@ -61,22 +60,8 @@ COLUMNS = [
 ]
 
 
-def _runs_on_cpu(op: Any) -> bool:
-    keys = ("CPU", "CompositeExplicitAutograd", "CompositeImplicitAutograd")
-    return any(_torch.has_kernel_for_key(op, key) for key in keys)
-
-
 def _variants(op: Any, sample: Any) -> dict[str, Variant]:
-    positions = differentiable_positions(sample)
-    primals = [sample.args[i] for i in positions]
-    gen = torch.Generator().manual_seed(0)
-    tangents = [torch.randn(p.shape, dtype=p.dtype, generator=gen) for p in primals]
-    if sample.prepare is not None:
-        # Applied once, outside the timings (it is linear, e.g. symmetrize): the table
-        # times the operator, not the sample's input preparation.
-        primals, tangents = sample.prepare(primals), sample.prepare(tangents)
-        sample = dataclasses.replace(sample, prepare=None)
-    f = sample_function(op, sample, positions)
+    f, primals, tangents = prepared(op, sample)
     backend = get_impl()
 
     def routed(on: bool, zero_tangents: bool = True):
@@ -118,7 +103,6 @@ def _variants(op: Any, sample: Any) -> dict[str, Variant]:
 
     return {
         "primal": Variant(primal, routed(False)),
-        "primal routed": Variant(primal, routed(True)),
         "forward_ad": Variant(jvp_forward_ad, routed(True)),
         "func.jvp": Variant(jvp_func, routed(True)),
         "1 input, zero tangents": Variant(jvp_first_input, routed(True)),
@@ -168,18 +152,6 @@ def _disagreement(variants: dict[str, Variant]) -> str:
     return ""
 
 
-def _overhead(variants: dict[str, Variant], repeats: int, min_batch: float) -> float | str:
-    """What routing adds to a call without tangents: the primal with and without fwdecomp's kernels.
-
-    Timed on their own, alternating (the JVP variants between them would leave the
-    allocator in another state each time: +-20 µs at the realistic size, more than the check).
-    """
-    pair = measure({name: variants[name] for name in ("primal", "primal routed")}, max(repeats, 11), min_batch)
-    if isinstance(pair["primal"], float) and isinstance(pair["primal routed"], float):
-        return pair["primal routed"] - pair["primal"]
-    return pair["primal routed"] if isinstance(pair["primal routed"], str) else pair["primal"]
-
-
 def benchmark(sizes: tuple[str, ...], repeats: int, min_batch: float, dtype: torch.dtype, only: str | None) -> list:
     rows = []
     fwdecomp.disable()
@@ -190,7 +162,7 @@ def benchmark(sizes: tuple[str, ...], repeats: int, min_batch: float, dtype: tor
             if only and only not in name:
                 continue
             entry = fwdecomp.registry.lookup(op)
-            if not _runs_on_cpu(op):
+            if not runs_on_cpu(op):
                 rows.append({"operator": name, "note": "no CPU kernel (CUDA only): see benchmarks/gpu_attention.py"})
                 continue
             for size in sizes:
@@ -206,7 +178,6 @@ def benchmark(sizes: tuple[str, ...], repeats: int, min_batch: float, dtype: tor
                         times["double backward"] = (
                             f"n/a: wrong tangents ({wrong}; {format_seconds(times['double backward'])})"
                         )
-                times["overhead"] = _overhead(variants, repeats, min_batch)
                 rows.append({"operator": name, "size": size, "shape": sample.note, "how": how, "times": times})
                 autograd.uninstall(op)
     finally:
@@ -222,16 +193,15 @@ def render(rows: list) -> str:
             table.append([f"`{row['operator']}`", row.get("size", ""), row["note"]] + [""] * (len(COLUMNS) - 3))
             continue
         t = row["times"]
-        overhead = t["overhead"]
-        if isinstance(overhead, float) and isinstance(t["primal"], float):
-            overhead = f"{overhead * 1e6:+.1f} µs ({100 * overhead / t['primal']:+.1f}%)"
+        cost = t.get("overhead")
+        cost = f"{cost * 1e6:+.2f} µs ({100 * cost / t['primal']:+.1f}%)" if isinstance(cost, float) else ""
         size = f"{row['size']}: {row['shape']}" + ("" if row["how"] == "size table" else f" ({row['how']})")
         table.append(
             [
                 f"`{row['operator']}`",
                 size,
                 format_seconds(t["primal"]),
-                overhead,
+                cost,
                 format_seconds(t["forward_ad"]),
                 _ratio(t["forward_ad"], t["primal"]),
                 format_seconds(t["func.jvp"]),
@@ -253,7 +223,7 @@ def summary(rows: list) -> str:
             lines.append(
                 f"{size}: median JVP/primal ratio (forward_ad) {statistics.median(ratios):.2f} over {len(ratios)}"
             )
-        routed = [(t["overhead"], t["primal"]) for t in timed if isinstance(t["overhead"], float)]
+        routed = [(t["overhead"], t["primal"]) for t in timed if isinstance(t.get("overhead"), float)]
         if routed:
             added = [delta for delta, _ in routed]
             lines.append(
@@ -292,9 +262,17 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     sizes = ("small",) if args.tiny else tuple(s for s in args.sizes.split(",") if s)
     repeats, min_batch = (1, 0.0) if args.tiny else (args.repeats, 0.02)
-    rows = benchmark(sizes, repeats, min_batch, getattr(torch, args.dtype), args.only)
     print(f"torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} threads, {args.dtype}")
     print(f"fwdecomp: {router.status()}")
+    rows = benchmark(sizes, repeats, min_batch, getattr(torch, args.dtype), args.only)
+    # In fresh processes, fwdecomp enabled once with the router enable() picks (see benchmarks/overhead.py).
+    costs = overhead.measure(
+        sizes, 1 if args.tiny else 3, args.dtype, args.only, args.threads or 1, 1 if args.tiny else 7
+    )
+    state = router.status().kind
+    for row in rows:
+        if "times" in row:
+            row["times"]["overhead"] = overhead.added(costs.get(f"{row['operator']}|{row['size']}", {}), state)
     print(render(rows))
     print()
     print(summary(rows))

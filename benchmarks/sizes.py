@@ -13,10 +13,12 @@ both take their calls from :func:`benchmark_sample`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
+from fwdecomp import _torch
+from fwdecomp.checks import differentiable_positions, sample_function
 from fwdecomp.registry import Sample, symmetrize
 
 aten = torch.ops.aten
@@ -323,3 +325,25 @@ def benchmark_sample(
     if not registered:
         return None, "no size entry and no CPU sample"
     return max(registered, key=_numel), "no size entry: largest registered sample"
+
+
+def prepared(op: Any, sample: Sample) -> tuple[Callable[..., Any], list[torch.Tensor], list[torch.Tensor]]:
+    """``(f, primals, tangents)``: ``op`` on ``sample`` as a function of its differentiable arguments.
+
+    The tangents are seeded random. A sample's ``prepare`` (linear, e.g. symmetrize) is applied
+    here once, to primals and tangents, so timings measure the operator, not the preparation.
+    """
+    positions = differentiable_positions(sample)
+    primals = [sample.args[i] for i in positions]
+    gen = torch.Generator().manual_seed(0)
+    tangents = [torch.randn(p.shape, dtype=p.dtype, generator=gen) for p in primals]
+    if sample.prepare is not None:
+        primals, tangents = sample.prepare(primals), sample.prepare(tangents)
+        sample = dataclasses.replace(sample, prepare=None)
+    return sample_function(op, sample, positions), primals, tangents
+
+
+def runs_on_cpu(op: Any) -> bool:
+    """Whether ``op`` has a kernel that runs on CPU tensors (some are CUDA-only)."""
+    keys = ("CPU", "CompositeExplicitAutograd", "CompositeImplicitAutograd")
+    return any(_torch.has_kernel_for_key(op, key) for key in keys)

@@ -32,6 +32,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -41,13 +42,24 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
 from fwdecomp._torch import OpOverload, schema_of
 
-__all__ = ["MODES", "RouterUnavailableError", "Status", "begin", "build", "library_path", "mode", "native", "status"]
+__all__ = [
+    "MODES",
+    "RouterUnavailableError",
+    "Status",
+    "begin",
+    "build",
+    "library_path",
+    "mode",
+    "native",
+    "status",
+    "using",
+]
 
 MODES = ("auto", "native", "python")
 SOURCE = Path(__file__).with_name("csrc") / "router.cpp"
@@ -189,9 +201,39 @@ def build(verbose: bool = False) -> Path:
         return library_path()
 
 
+_forced = threading.local()
+
+
+@contextlib.contextmanager
+def using(kind: str) -> Iterator[None]:
+    """Install kernels with the ``"native"`` or ``"python"`` router inside this block (this thread).
+
+    For side-by-side measurements and tests; kernels installed inside keep their router after it.
+    ``"native"`` builds the router if need be (:func:`build`).
+
+    Example:
+        >>> import torch
+        >>> from fwdecomp import autograd, router
+        >>> with router.using("python"):
+        ...     autograd.install(torch.ops.aten._pdist_forward.default)
+        >>> autograd.uninstall(torch.ops.aten._pdist_forward.default)
+    """
+    if kind not in ("native", "python"):
+        raise ValueError(f"router.using({kind!r}): use 'native' or 'python'")
+    if kind == "native":
+        build()
+    previous = getattr(_forced, "kind", None)
+    _forced.kind = kind
+    try:
+        yield
+    finally:
+        _forced.kind = previous
+
+
 def native() -> Any | None:
     """The router's operators (``torch.ops.fwdecomp_router``) where the native router is in use, else ``None``."""
-    return getattr(torch.ops, _NAME) if status().kind == "native" else None
+    kind = getattr(_forced, "kind", None) or status().kind
+    return getattr(torch.ops, _NAME) if kind == "native" else None
 
 
 def begin(ops: Any, op: OpOverload, key: str) -> int:

@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from benchmarks import attention, gpu_attention, ops, sizes  # noqa: E402
+from benchmarks import attention, gpu_attention, ops, overhead, sizes  # noqa: E402
 
 
 def test_ops_benchmark_covers_every_registered_operator(capsys):
@@ -25,6 +25,16 @@ def test_ops_benchmark_covers_every_registered_operator(capsys):
         assert f"`{fwdecomp._torch.qualified_name(op)}`" in text  # listed, even when not timed
     assert "median JVP/primal ratio" in text
     assert not fwdecomp.is_enabled()
+
+
+def test_overhead_benchmark_times_each_router_in_its_own_processes(capsys):
+    assert overhead.main(["--only", "_pdist_forward", "--sizes", "small", "--rounds", "1", "--batches", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "| `aten::_pdist_forward` | small |" in text
+    assert "small, Python kernel: median" in text and "small, control: primal again: median" in text
+    if fwdecomp.router.status().kind == "native":
+        assert "small, compiled router: median" in text
+    assert not fwdecomp.is_enabled()  # the measuring happened in the workers
 
 
 def test_operators_without_size_entry_fall_back_to_their_samples():

@@ -28,16 +28,13 @@ needs_compiler = pytest.mark.skipif(not _COMPILER, reason="no C++ compiler or ni
 
 
 @pytest.fixture(params=["native", "python"])
-def kind(request, monkeypatch):
+def kind(request):
     """fwdecomp's kernels installed with the compiled router, then with the Python kernels alone."""
-    if request.param == "native":
-        if not _COMPILER:
-            pytest.skip("no C++ compiler or ninja on this machine")
-        router.build()
-    monkeypatch.setenv("FWDECOMP_ROUTER", request.param)
-    monkeypatch.setattr(router, "_status", None)
-    assert router.status().kind == request.param
-    return request.param
+    if request.param == "native" and not _COMPILER:
+        pytest.skip("no C++ compiler or ninja on this machine")
+    with router.using(request.param):
+        assert (router.native() is not None) == (request.param == "native")
+        yield request.param
 
 
 def _dumps() -> dict[str, str]:
@@ -62,6 +59,9 @@ def test_an_unknown_mode_is_refused_with_the_choices(monkeypatch):
     monkeypatch.setenv("FWDECOMP_ROUTER", "fast")
     with pytest.raises(ValueError, match="FWDECOMP_ROUTER='fast': use one of auto, native, python"):
         router.mode()
+    with pytest.raises(ValueError, match=r"router.using\('fast'\): use 'native' or 'python'"):
+        with router.using("fast"):
+            pass
 
 
 def test_every_autograd_key_gets_a_route_and_disable_removes_them(kind):
