@@ -131,17 +131,17 @@ def _compile(target: Path, verbose: bool) -> None:
         os.replace(scratch / f"{_NAME}.so", target)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            target.parent.rmdir()  # only if empty: a failed build leaves nothing behind
 
 
-def _load(build_if_missing: bool, verbose: bool = False) -> Status:
+def _load(verbose: bool = False) -> Status:
     target = library_path()
     if hasattr(torch.ops, _NAME) and hasattr(getattr(torch.ops, _NAME), "begin"):
         return Status("native", "loaded", str(target))
     if target.is_file():
         torch.ops.load_library(str(target))
         return Status("native", "loaded from the cache", str(target))
-    if not build_if_missing:
-        return Status("python", "the router is not built (python -m fwdecomp router --build)")
     _log.info("fwdecomp: building the compiled router into %s (once per PyTorch version)", target.parent)
     _compile(target, verbose)
     return Status("native", "built", str(target))
@@ -168,7 +168,7 @@ def status() -> Status:
             _status = Status("python", "FWDECOMP_ROUTER=python")
             return _status
         try:
-            _status = _load(build_if_missing=True)
+            _status = _load()
         except Exception as error:
             reason = f"the compiled router could not be built or loaded ({_reason(error)})"
             if chosen == "native":
@@ -184,20 +184,22 @@ def status() -> Status:
 def build(verbose: bool = False) -> Path:
     """Build (or find) the router for the running PyTorch and load it; return its path.
 
+    From then on kernels use it, unless ``FWDECOMP_ROUTER=python``.
+
     Raises :class:`RouterUnavailableError` with the compiler's last words when it cannot.
     """
     global _status
     with _lock:
         try:
-            _load(build_if_missing=True, verbose=verbose)
+            loaded = _load(verbose=verbose)
         except Exception as error:
             raise RouterUnavailableError(
                 f"fwdecomp: the compiled router could not be built ({_reason(error)}). It needs a C++ "
                 "compiler, ninja and PyTorch's headers; rerun with verbose=True (--verbose) for the "
                 "compiler's output."
             ) from error
-        if _status is None or _status.kind != "native":
-            _status = Status("native", "built", str(library_path()))
+        if mode() != "python":  # FWDECOMP_ROUTER=python keeps the Python kernels (router.using can still pick it)
+            _status = loaded
         return library_path()
 
 

@@ -259,3 +259,13 @@ def test_a_built_router_is_loaded_from_the_cache_by_the_next_process():
     result = _run(_STATUS, **env, CXX="/nonexistent/c++")  # no compiler needed any more
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"native router ({router.library_path()}): loaded from the cache")
+
+
+@needs_compiler
+def test_building_does_not_override_python_mode(monkeypatch):
+    monkeypatch.setenv("FWDECOMP_ROUTER", "python")
+    monkeypatch.setattr(router, "_status", None)
+    router.build()
+    assert router.status().kind == "python" and router.native() is None
+    with router.using("native"):
+        assert router.native() is not None
