@@ -17,6 +17,10 @@ decomposition mechanism:
   a tangent raises (integer results need none; an operator whose own autograd
   kernel differentiates it keeps working).
 
+Where the compiled router is available (:mod:`fwdecomp.router`), a C++ kernel
+registered in front of each Python kernel takes the first case itself: a call
+without tangents never enters Python.
+
 This module depends on :mod:`fwdecomp.interface` only, never on a backend.
 Uninstalling destroys the registrations, which restores the dispatcher
 entries exactly.
