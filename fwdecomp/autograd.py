@@ -312,8 +312,9 @@ class _Override:
                 warnings.filterwarnings("ignore", message=".*[Oo]verrid.*")
                 for key in AUTOGRAD_KEYS:
                     original = _torch.original_kernel(op, key)
-                    route = router.begin(self.router, op, key) if self.router is not None else None
-                    if route is not None:
+                    route = None
+                    if self.router is not None:
+                        route = router.begin(self.router, op, key)
                         self.routes.append(route)
                     self.library.impl(
                         f"{name}.{overload}" if overload else name,

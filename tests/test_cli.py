@@ -98,3 +98,17 @@ def test_audit_of_chosen_operators(capsys):
 def test_audit_of_an_operator_without_decomposition(capsys):
     assert main(["audit", "--operator", "aten::add.Tensor", "--no-check"]) == 2
     assert "no registered decomposition for aten::add.Tensor" in capsys.readouterr().err
+
+
+def test_router_command_says_which_router_is_in_use(capsys):
+    assert main(["router"]) == 0
+    out = capsys.readouterr().out.strip()
+    assert out == str(fwdecomp.router.status())
+    assert out.startswith(("native router (", "python router: "))
+
+
+def test_router_command_refuses_an_unknown_mode(capsys, monkeypatch):
+    monkeypatch.setenv("FWDECOMP_ROUTER", "fast")
+    monkeypatch.setattr(fwdecomp.router, "_status", None)
+    assert main(["router"]) == 1
+    assert "FWDECOMP_ROUTER='fast': use one of auto, native, python" in capsys.readouterr().err
