@@ -19,7 +19,8 @@ OUT=${OUT:-gpu-out}
 PYTHON=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$OUT"
-{ nvidia-smi -L; "$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; } | tee "$OUT/device.txt"
+{ nvidia-smi -L; "$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)";
+  "$PYTHON" -m fwdecomp router; } | tee "$OUT/device.txt"   # which router (builds the compiled one, ~10 s)
 timeout "${AUDIT_SECONDS:-200}" "$PYTHON" benchmarks/gpu_audit.py --out "$OUT" 2>&1 | tee "$OUT/gpu_audit.log"
 echo "audit exit status ${PIPESTATUS[0]}"
 timeout "${ATTENTION_SECONDS:-300}" "$PYTHON" benchmarks/gpu_attention.py --out "$OUT" "$@" 2>&1 | tee "$OUT/gpu_attention.log"
@@ -27,7 +28,7 @@ echo "attention exit status ${PIPESTATUS[0]}"
 if "$PYTHON" -c "import pytest" 2>/dev/null; then
     timeout "${PYTEST_SECONDS:-150}" "$PYTHON" -m pytest -q -p no:cacheprovider -o addopts="-ra" \
         tests/test_zero_tensors.py tests/test_attention.py tests/test_attention_mask.py tests/test_torch_internals.py \
-        tests/test_enable.py tests/test_tangent_rules.py tests/test_transforms.py tests/test_stack.py \
+        tests/test_enable.py tests/test_tangent_rules.py tests/test_transforms.py tests/test_stack.py tests/test_router.py \
         > "$OUT/gpu_pytest.log" 2>&1
     echo "pytest exit status $?"
     tail -n 25 "$OUT/gpu_pytest.log"

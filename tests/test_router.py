@@ -269,3 +269,23 @@ def test_building_does_not_override_python_mode(monkeypatch):
     assert router.status().kind == "python" and router.native() is None
     with router.using("native"):
         assert router.native() is not None
+
+
+@needs_compiler
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_calls_take_the_same_routes(monkeypatch):
+    """AutogradCUDA: plain calls skip Python with the router; tangents give the Python kernels' bits."""
+    x = torch.randn(6, 3, dtype=torch.float64, device="cuda")
+    y = torch.randn(5, 3, dtype=torch.float64, device="cuda")
+    v = torch.randn_like(x)
+    tangents = {}
+    for kind in ("python", "native"):
+        calls = _counting_kernels(monkeypatch)
+        with router.using(kind), fwdecomp.enabled():
+            plain = torch.cdist(x, y, p=1.5)
+            plain_calls = len(calls)
+            tangents[kind] = jvp(lambda a: torch.cdist(a, y, p=1.5), (x,), (v,))[1]
+        assert torch.equal(plain, torch.cdist(x, y, p=1.5))
+        assert (plain_calls == 0) == (kind == "native") and len(calls) > plain_calls
+        monkeypatch.undo()
+    assert torch.equal(tangents["native"], tangents["python"])
