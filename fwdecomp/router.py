@@ -36,6 +36,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import sys
 import tempfile
@@ -103,7 +104,8 @@ def library_path() -> Path:
     """Where the router built for this PyTorch and this source lives (it may not exist yet)."""
     key = hashlib.sha256()
     key.update(SOURCE.read_bytes())
-    for part in (torch.__version__, torch.version.git_version, str(torch.compiled_with_cxx11_abi()), sys.version):
+    versions = (torch.__version__, torch.version.git_version, str(torch.compiled_with_cxx11_abi()), sys.version)
+    for part in (*versions, platform.machine(), platform.system()):  # a home directory may be shared across machines
         key.update(part.encode())
     return _cache_root() / f"router-{torch.__version__.replace('+', '_')}-{key.hexdigest()[:16]}" / f"{_NAME}.so"
 
