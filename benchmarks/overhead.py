@@ -30,16 +30,15 @@ import platform
 import statistics
 import subprocess
 import sys
-import time
 
 import torch
 
 import fwdecomp
-from benchmarks._common import format_seconds, markdown_table
+from benchmarks._common import Variant, format_seconds, markdown_table, measure
 from benchmarks.sizes import SIZE_NAMES, benchmark_sample, prepared, runs_on_cpu
 from fwdecomp import _torch
 
-__all__ = ["STATES", "added", "measure", "render", "time_calls"]
+__all__ = ["STATES", "added", "goals", "measure_in_processes", "render", "time_calls"]
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,18 +59,15 @@ def time_calls(sizes: tuple[str, ...], dtype: torch.dtype, only: str | None, bat
             if sample is None:
                 continue
             f, primals, _ = prepared(op, sample)
-            with torch.no_grad():
-                f(*primals)  # warm-up
-                start = time.perf_counter()
-                f(*primals)
-                count = max(1, min(10_000, int(0.02 / max(time.perf_counter() - start, 1e-7))))
-                times = []
-                for _ in range(batches):
-                    start = time.perf_counter()
-                    for _ in range(count):
-                        f(*primals)
-                    times.append((time.perf_counter() - start) / count)
-            seconds[f"{name}|{size}"] = statistics.median(times)
+
+            def call(f=f, primals=primals) -> None:
+                with torch.no_grad():
+                    f(*primals)
+
+            per_call = measure({name: Variant(call)}, repeats=batches, min_batch_seconds=0.02)[name]
+            if isinstance(per_call, str):  # measure reports a call that raises
+                raise RuntimeError(f"{name} ({size}): {per_call}")
+            seconds[f"{name}|{size}"] = per_call
     return seconds
 
 
@@ -86,7 +82,7 @@ def _worker(state: str, options: list[str]) -> dict[str, float]:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def measure(
+def measure_in_processes(
     sizes: tuple[str, ...],
     rounds: int = 3,
     dtype: str = "float32",
@@ -104,7 +100,7 @@ def measure(
         for state in states:
             for key, seconds in _worker(state, options).items():
                 runs.setdefault(key, {}).setdefault(state, []).append(seconds)
-    return {key: {state: statistics.median(v) for state, v in states.items()} for key, states in runs.items()}
+    return {key: {state: statistics.median(v) for state, v in by_state.items()} for key, by_state in runs.items()}
 
 
 def added(times: dict[str, float], state: str) -> float | None:
@@ -112,6 +108,14 @@ def added(times: dict[str, float], state: str) -> float | None:
     if state not in times or "primal" not in times:
         return None
     return times[state] - times["primal"]
+
+
+def goals(pairs: list[tuple[float, float]]) -> str:
+    """How many ``(seconds added, primal seconds)`` pairs meet the goals: under 5 µs, under 2%."""
+    return (
+        f"under 5 µs on {sum(d < 5e-6 for d, _ in pairs)} of {len(pairs)}, "
+        f"under 2% on {sum(d < 0.02 * p for d, p in pairs)} of {len(pairs)}"
+    )
 
 
 def _cell(times: dict[str, float], state: str) -> str:
@@ -132,9 +136,7 @@ def render(costs: dict[str, dict[str, float]]) -> str:
             pairs = [(d, p) for d, p in pairs if d is not None]
             if pairs:
                 lines.append(
-                    f"{size}, {label}: median {1e6 * statistics.median(d for d, _ in pairs):+.2f} µs; "
-                    f"under 5 µs on {sum(d < 5e-6 for d, _ in pairs)} of {len(pairs)}, "
-                    f"under 2% on {sum(d < 0.02 * p for d, p in pairs)} of {len(pairs)}"
+                    f"{size}, {label}: median {1e6 * statistics.median(d for d, _ in pairs):+.2f} µs; {goals(pairs)}"
                 )
     return "\n".join(lines)
 
@@ -162,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         seconds = time_calls(args.sizes, getattr(torch, args.dtype), args.only, args.batches)
         print(json.dumps(seconds))
         return 0
-    costs = measure(args.sizes, args.rounds, args.dtype, args.only, args.threads, args.batches)
+    costs = measure_in_processes(args.sizes, args.rounds, args.dtype, args.only, args.threads, args.batches)
     print(
         f"torch {torch.__version__}, {platform.machine()}, {args.threads} thread(s), {args.dtype}, {args.rounds} rounds"
     )

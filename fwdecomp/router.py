@@ -6,7 +6,7 @@ when no input carries a tangent (the dispatcher turns the arguments into
 Python objects and back). The router (``fwdecomp/csrc/router.cpp``, a boxed
 C++ kernel registered in front of the Python one) reads the arguments where
 they are: a call without tangents goes straight to PyTorch's own kernel
-(~0.2-0.5 µs added), any other call to fwdecomp's Python kernel, which decides
+(~0.1 µs added; ``python -m benchmarks.overhead``), any other call to fwdecomp's Python kernel, which decides
 as it always does. Results are the same either way; only the cost of
 tangent-free calls changes.
 
@@ -14,7 +14,7 @@ The router is compiled from source with ``torch.utils.cpp_extension`` (a C++
 compiler, ninja and PyTorch's headers, which every PyTorch wheel ships), once
 per PyTorch version and router source, into a cache directory
 (``$FWDECOMP_CACHE``, else ``$XDG_CACHE_HOME/fwdecomp``, else
-``~/.cache/fwdecomp``); about 10 s on two cores, then loading it takes
+``~/.cache/fwdecomp``); about 8 s on two cores, then loading it takes
 milliseconds. ``python -m fwdecomp router --build`` builds it ahead of time.
 
 ``FWDECOMP_ROUTER`` chooses, when fwdecomp first installs a kernel:
@@ -66,6 +66,7 @@ MODES = ("auto", "native", "python")
 SOURCE = Path(__file__).with_name("csrc") / "router.cpp"
 _NAME = "fwdecomp_router"
 _log = logging.getLogger(__name__)
+_NEEDS = "It needs a C++ compiler, ninja and PyTorch's headers"
 
 
 class RouterUnavailableError(RuntimeError):
@@ -175,8 +176,8 @@ def status() -> Status:
             reason = f"the compiled router could not be built or loaded ({_reason(error)})"
             if chosen == "native":
                 raise RouterUnavailableError(
-                    f"fwdecomp: FWDECOMP_ROUTER=native, but {reason}. It needs a C++ compiler, ninja and "
-                    "PyTorch's headers; see `python -m fwdecomp router --build --verbose`, or unset "
+                    f"fwdecomp: FWDECOMP_ROUTER=native, but {reason}. {_NEEDS}; see "
+                    "`python -m fwdecomp router --build --verbose`, or unset "
                     "FWDECOMP_ROUTER to fall back to the Python kernels."
                 ) from error
             _status = Status("python", reason)
@@ -196,9 +197,8 @@ def build(verbose: bool = False) -> Path:
             loaded = _load(verbose=verbose)
         except Exception as error:
             raise RouterUnavailableError(
-                f"fwdecomp: the compiled router could not be built ({_reason(error)}). It needs a C++ "
-                "compiler, ninja and PyTorch's headers; rerun with verbose=True (--verbose) for the "
-                "compiler's output."
+                f"fwdecomp: the compiled router could not be built ({_reason(error)}). {_NEEDS}; rerun "
+                "with verbose=True (--verbose) for the compiler's output."
             ) from error
         if mode() != "python":  # FWDECOMP_ROUTER=python keeps the Python kernels (router.using can still pick it)
             _status = loaded

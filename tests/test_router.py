@@ -171,13 +171,11 @@ def _results() -> list[torch.Tensor]:
 
 
 @needs_compiler
-def test_the_router_gives_the_python_kernels_bits_under_every_transform(monkeypatch):
+def test_the_router_gives_the_python_kernels_bits_under_every_transform():
     outputs = {}
     for kind in ("python", "native"):
-        monkeypatch.setenv("FWDECOMP_ROUTER", kind)
-        monkeypatch.setattr(router, "_status", None)
-        with fwdecomp.enabled():
-            assert router.status().kind == kind
+        with router.using(kind), fwdecomp.enabled():
+            assert (router.native() is not None) == (kind == "native")
             outputs[kind] = _results()
     for native, python in zip(outputs["native"], outputs["python"]):
         assert torch.equal(native, python)
